@@ -15,9 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Column order of the [H, 3] scores, also used by the DHP solver.
-SINK_GROUP, NEIGHBOUR_GROUP, CURRENT_GROUP = 0, 1, 2
-
 
 def frame_attention_scores(
     q: jax.Array,
@@ -70,9 +67,10 @@ def frame_attention_scores(
 
     key_index = jnp.arange(num_keys)
     valid = key_index < kv_len
-    current = valid & (key_index >= kv_len - current_tokens)
+    # Padding keys get probability 0 below, so they may fall in the current group here.
     sink = key_index < sink_tokens
-    neighbour = valid & ~sink & ~current
+    current = key_index >= kv_len - current_tokens
+    neighbour = ~sink & ~current
     group_of_key = jnp.stack([sink, neighbour, current], axis=-1).astype(jnp.float32)  # [Lk, 3]
 
     q0 = jnp.asarray(q[0], jnp.float32)

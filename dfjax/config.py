@@ -1,0 +1,168 @@
+"""Frozen, hashable configuration of the DiT, the sampler, the KV cache and the video shape.
+
+Configs are static arguments of jit: they hold only ints, floats that never change per call,
+strings and tuples. Per-call floats (timesteps, sigmas) are traced arrays, never config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def config_from_dict(cls, d: dict):
+    """Builds a frozen config from a JSON dict, refusing unknown fields by name; lists become tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}.")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """The Wan2.1 T2V DiT. Defaults are the 1.3B model (reference.md §1)."""
+
+    dim: int = 1536
+    num_layers: int = 30
+    num_heads: int = 12
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_channels: int = 16
+    out_channels: int = 16
+    patch: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_pos: int = 1024
+    param_dtype: str = "bfloat16"  # linear weights
+    norm_dtype: str = "float32"  # norm weights, modulation tables and the time embedding
+    dtype: str = "bfloat16"  # matmul / attention compute
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}.")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 for 3D RoPE.")
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ValueError(f"patch must be three positive ints, got {self.patch}.")
+        for name in ("param_dtype", "norm_dtype", "dtype"):
+            dtype_of(getattr(self, name))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def wan_1_3b(cls, **kw) -> "WanConfig":
+        return cls(**kw)
+
+    @classmethod
+    def wan_14b(cls, **kw) -> "WanConfig":
+        return cls(**{**dict(dim=5120, num_layers=40, num_heads=40, ffn_dim=13824), **kw})
+
+    @classmethod
+    def tiny(cls, **kw) -> "WanConfig":
+        """A few-layer model for tests: 4 heads of 12 (RoPE split 4:4:4), text width 32."""
+        return cls(**{**dict(dim=48, num_layers=2, num_heads=4, ffn_dim=96, freq_dim=32, text_dim=32,
+                             text_len=16, in_channels=4, out_channels=4, param_dtype="float32",
+                             dtype="float32"), **kw})
+
+    @classmethod
+    def preset(cls, name: str) -> "WanConfig":
+        presets = {"wan-1.3b": cls.wan_1_3b, "wan-14b": cls.wan_14b, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}.")
+        return presets[name]()
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Self Forcing's few-step flow-matching sampler (reference.md §2)."""
+
+    denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    warp: bool = True  # index the shifted 1000-step table, as Self Forcing's `warp_denoising_step`
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+    context_noise: float = 0.0  # timestep of the cache-refresh forward
+    chunk_frames: int = 3  # latent frames per autoregressive chunk
+
+    def __post_init__(self):
+        if not self.denoising_steps:
+            raise ValueError("denoising_steps is empty; give at least one timestep.")
+        if any(not 0 < t <= self.num_train_timesteps for t in self.denoising_steps):
+            raise ValueError(f"denoising_steps {self.denoising_steps} must lie in (0, {self.num_train_timesteps}].")
+        if self.chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}.")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Which earlier frames the self-attention sees.
+
+    kind="global": every earlier frame (Self Forcing). kind="local": the first `sink_frames` frames plus
+    the most recent `window_frames` frames, the current chunk included (LongLive: window 12 with a
+    3-frame sink means sink_frames=3, window_frames=9).
+    """
+
+    kind: str = "global"
+    sink_frames: int = 0
+    window_frames: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("global", "local"):
+            raise ValueError(f"cache kind {self.kind!r} is unknown; use 'global' or 'local'.")
+        if self.sink_frames < 0 or self.window_frames < 0:
+            raise ValueError("sink_frames and window_frames must be >= 0.")
+        if self.kind == "local" and self.window_frames == 0:
+            raise ValueError("a local cache needs window_frames > 0 (the current chunk is part of the window).")
+
+    @classmethod
+    def longlive(cls) -> "CacheConfig":
+        return cls(kind="local", sink_frames=3, window_frames=9)
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """Pixel size and frame count of one video, with the latent sizes they imply."""
+
+    height: int = 480
+    width: int = 832
+    frames: int = 81
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+
+    def __post_init__(self):
+        st, sh, sw = self.vae_stride
+        if self.height % (sh * 2) or self.width % (sw * 2):
+            raise ValueError(
+                f"resolution {self.width}x{self.height} is not a multiple of {sw * 2}x{sh * 2} "
+                f"(VAE stride x patch size); try e.g. {self.width // 16 * 16}x{self.height // 16 * 16}."
+            )
+        if self.frames < 1 or (self.frames - 1) % st:
+            raise ValueError(f"frames must be {st}*k+1 (e.g. 21, 81), got {self.frames}.")
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // self.vae_stride[0] + 1
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae_stride[1], self.width // self.vae_stride[2]
+
+    @staticmethod
+    def frames_for_latents(latent_frames: int, vae_temporal_stride: int = 4) -> int:
+        return (latent_frames - 1) * vae_temporal_stride + 1
+
+
+RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "1080p": (1088, 1920)}

@@ -1,0 +1,147 @@
+"""Attention for the KV-cached DiT: head groups with their own key lengths (Dummy Forcing's PAF).
+
+One call serves a whole self-attention layer. Heads are split into contiguous groups; group g
+attends to its own keys k_g, v_g [B, Lk_g, H_g, D], of which the first kv_len_g are valid (the
+cache may hold more slots than are filled yet). Every query sees every valid key of its group
+(no causal mask: inside a chunk attention is bidirectional, and the cache only holds the past).
+
+    grouped_attention(q, ((k_sink, v_sink, None), (k_nbr, v_nbr, None)))   # PAF, two groups
+    attention(q, k_cache, v_cache, kv_len)                                  # dense baseline
+
+Implementations: "xla" (the plain-jnp reference below), "cudnn" (one cuDNN call per group),
+"pallas" (one kernel launch for all groups: paf_gpu on GPU, paf_tpu on TPU) and "auto".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels import paf_gpu, paf_tpu
+
+Group = tuple[jax.Array, jax.Array, jax.Array | None]
+Impl = Literal["auto", "xla", "cudnn", "pallas"]
+
+
+def grouped_attention(q: jax.Array, groups: tuple[Group, ...], *, impl: Impl = "auto",
+                      interpret: bool = False) -> jax.Array:
+    """Softmax attention of q [B, Lq, H, D] (heads ordered group by group) over per-group keys.
+
+    groups: (k, v, kv_len) per group, k and v [B, Lk_g, H_g, D] with sum(H_g) == H. kv_len is
+    None (all Lk_g keys valid) or an int32 scalar (traced is fine) in [1, Lk_g]: keys
+    [kv_len, Lk_g) are ignored; the pallas kernels also skip their blocks. Larger values are
+    clamped to Lk_g. Groups with H_g == 0 are skipped.
+    Scale 1/sqrt(D), softmax in float32, output [B, Lq, H, D] in q.dtype.
+    impl: "xla", "cudnn" (bf16/f16 on NVIDIA GPUs), "pallas" (GPU or TPU; on CPU only with
+    interpret=True, which runs the GPU kernel's semantics), "auto" (see _resolve_impl).
+    """
+    groups = _checked_groups(q, groups)
+    impl = _resolve_impl(impl, q.dtype, interpret)
+    if impl == "xla":
+        return reference_attention(q, groups)
+    if impl == "cudnn":
+        return _cudnn_attention(q, groups)
+    ks = tuple(k for k, _, _ in groups)
+    vs = tuple(v for _, v, _ in groups)
+    kv_lens = _kv_lens(groups)
+    if jax.default_backend() == "tpu":
+        return paf_tpu.paf_attention(q, ks, vs, kv_lens, interpret=interpret)
+    return paf_gpu.paf_attention(q, ks, vs, kv_lens, interpret=interpret)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None = None, *,
+              impl: Impl = "auto", interpret: bool = False) -> jax.Array:
+    """Dense attention with a dynamic number of valid keys: one group of all heads."""
+    return grouped_attention(q, ((k, v, kv_len),), impl=impl, interpret=interpret)
+
+
+def reference_attention(q: jax.Array, groups: tuple[Group, ...]) -> jax.Array:
+    """Plain-jnp attention with an exact (not online) softmax: the oracle for the kernels.
+
+    Scores, softmax and the value product all run in float32 at HIGHEST precision, so the only
+    rounding is float32's (and bf16 inputs enter exactly). Memory: B*H_g*Lq*Lk_g float32 scores.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    outs, head = [], 0
+    for k, v, kv_len in groups:
+        h = k.shape[2]
+        if h == 0:
+            continue
+        qg = q[:, :, head:head + h].astype(jnp.float32)
+        head += h
+        s = jnp.einsum("bqhd,bkhd->bhqk", qg, k.astype(jnp.float32),
+                       precision=lax.Precision.HIGHEST) * scale
+        if kv_len is not None:
+            s = jnp.where(jnp.arange(k.shape[1]) < kv_len, s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        outs.append(jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32),
+                               precision=lax.Precision.HIGHEST))
+    return jnp.concatenate(outs, axis=2).astype(q.dtype)
+
+
+def _cudnn_attention(q: jax.Array, groups: tuple[Group, ...]) -> jax.Array:
+    """One cuDNN flash-attention call per group; kv_len becomes cuDNN's padding mask."""
+    outs, head = [], 0
+    for k, v, kv_len in groups:
+        h = k.shape[2]
+        lengths = None if kv_len is None else jnp.full((q.shape[0],), kv_len, jnp.int32)
+        outs.append(jax.nn.dot_product_attention(
+            q[:, :, head:head + h], k, v, key_value_seq_lengths=lengths, implementation="cudnn"))
+        head += h
+    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+
+
+def _resolve_impl(impl: Impl, dtype, interpret: bool) -> str:
+    """"auto": pallas on TPU; on GPU pallas for float32 (cuDNN has no float32 flash attention),
+    else AUTO_GPU_IMPL (chosen from benchmarks/results/kernels-*.json); xla elsewhere."""
+    if impl not in ("auto", "xla", "cudnn", "pallas"):
+        raise ValueError(f"unknown attention impl {impl!r}")
+    backend = jax.default_backend()
+    if impl == "auto":
+        if backend == "tpu":
+            return "pallas"
+        if backend == "gpu":
+            return "pallas" if jnp.dtype(dtype) == jnp.float32 else AUTO_GPU_IMPL
+        return "xla"
+    if impl == "pallas" and backend not in ("gpu", "tpu") and not interpret:
+        raise ValueError(f"impl='pallas' needs a GPU or TPU (backend is {backend!r}); "
+                         "pass interpret=True to run it on CPU")
+    if impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"impl='cudnn' needs an NVIDIA GPU (backend is {backend!r})")
+    return impl
+
+
+# Which impl "auto" takes for bf16/f16 on NVIDIA GPUs: the faster one at the model's real shapes
+# in the H100 benchmark (benchmarks/kernels.py).
+AUTO_GPU_IMPL = "pallas"
+
+
+def _checked_groups(q: jax.Array, groups) -> tuple[Group, ...]:
+    """Validates shapes and drops empty groups (H_g == 0)."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, Lq, H, D], got shape {q.shape}")
+    b, _, h, d = q.shape
+    kept, total = [], 0
+    for k, v, kv_len in groups:
+        if k.shape != v.shape or k.ndim != 4 or k.shape[0] != b or k.shape[3] != d:
+            raise ValueError(f"k and v must be [B={b}, Lk, H_g, D={d}], got {k.shape}, {v.shape}")
+        if kv_len is not None and jnp.shape(kv_len) != ():
+            raise ValueError(f"kv_len must be a scalar, got shape {jnp.shape(kv_len)}")
+        total += k.shape[2]
+        if k.shape[2] > 0:
+            kept.append((k, v, kv_len))
+    if total != h or not kept:
+        raise ValueError(f"group heads sum to {total}, q has {h} heads (at least one needed)")
+    return tuple(kept)
+
+
+def _kv_lens(groups: tuple[Group, ...]) -> jax.Array:
+    """int32 [G] valid key counts, clamped to each group's length so that no kernel reads past it."""
+    return jnp.stack([
+        jnp.int32(k.shape[1]) if kv_len is None
+        else jnp.minimum(jnp.asarray(kv_len, jnp.int32), k.shape[1])
+        for k, _, kv_len in groups])

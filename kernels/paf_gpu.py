@@ -1,0 +1,152 @@
+"""Packed Attention Forward for NVIDIA GPUs: Pallas with the Triton lowering.
+
+One launch covers every head group of a layer. The grid is (query block, head, batch); each
+program loads one [block_q, D] query tile and runs an online-softmax loop over its group's keys,
+up to that group's valid length only. Keys [kv_len, Lk) are never loaded: the loop stops at the
+last block that holds a valid key, and that block (and the ragged query tail) use masked loads,
+so K and V are read in place with no padding copies.
+
+Heads are visited longest group first (Lk_g descending), so the last programs of the launch are
+the short ones and the tail of the launch is shorter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch parameters (powers of two; Triton needs them)."""
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def paf_attention(q: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, ...],
+                  kv_lens: jax.Array, *, block_sizes: BlockSizes = BlockSizes(),
+                  interpret: bool = False) -> jax.Array:
+    """q [B, Lq, H, D]; group g: ks[g], vs[g] [B, Lk_g, H_g, D] with H_g > 0 and sum H_g == H,
+    kv_lens[g] (int32, in [1, Lk_g]) valid keys. Returns [B, Lq, H, D] in q.dtype."""
+    b, lq, h, d = q.shape
+    heads = tuple(k.shape[2] for k in ks)
+    lengths = tuple(k.shape[1] for k in ks)
+    assert sum(heads) == h and min(heads) > 0, (heads, h)
+    assert d >= 16 and d & (d - 1) == 0, f"head_dim must be a power of two >= 16, got {d}"
+    bq, bk = block_sizes.block_q, block_sizes.block_k
+
+    real_start = tuple(int(x) for x in np.cumsum((0,) + heads[:-1]))
+    order = sorted(range(len(heads)), key=lambda g: -lengths[g])
+    prog_start = [0] * len(heads)
+    for pos, g in enumerate(order):
+        prog_start[g] = sum(heads[o] for o in order[:pos])
+    layout = _HeadLayout(heads, tuple(prog_start), real_start)
+
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, p, bb: (bb, i, layout.real_head(p), 0))
+    kv_specs = []
+    for g, lk in enumerate(lengths):
+        # The whole [Lk_g, D] slab of one head: the kernel walks it with pl.ds.
+        spec = pl.BlockSpec((None, lk, None, d),
+                            functools.partial(_kv_index_map, layout=layout, g=g))
+        kv_specs += [spec, spec]
+    kernel = functools.partial(_kernel, layout=layout, lq=lq, block_k=bk,
+                               scale=1.0 / math.sqrt(d))
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(lq, bq), h, b),
+        in_specs=[pl.no_block_spec, q_spec, *kv_specs],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
+                                             num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="paf_attention",
+    )(kv_lens.astype(jnp.int32), q, *[x for kv in zip(ks, vs) for x in kv])
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadLayout:
+    """Maps the grid's head index p to groups: group g owns programs
+    [prog_start[g], prog_start[g] + heads[g]) and heads [real_start[g], real_start[g] + heads[g])."""
+    heads: tuple[int, ...]
+    prog_start: tuple[int, ...]
+    real_start: tuple[int, ...]
+
+    def owns(self, g: int, p):
+        return (p >= self.prog_start[g]) & (p < self.prog_start[g] + self.heads[g])
+
+    def real_head(self, p):
+        head = p * 0
+        for g in range(len(self.heads)):
+            head = jnp.where(self.owns(g, p), p - self.prog_start[g] + self.real_start[g], head)
+        return head
+
+
+def _kv_index_map(i, p, bb, *, layout: _HeadLayout, g: int):
+    # Programs of other groups never read this group's refs; clamping just keeps the address valid.
+    local = jnp.clip(p - layout.prog_start[g], 0, layout.heads[g] - 1)
+    return bb, 0, local, 0
+
+
+def _kernel(lens_ref, q_ref, *refs, layout: _HeadLayout, lq: int, block_k: int, scale: float):
+    o_ref = refs[-1]
+    bq = q_ref.shape[0]
+    p = pl.program_id(1)
+    rows_ok = (pl.program_id(0) * bq + jnp.arange(bq) < lq)[:, None]
+    q = plgpu.load(q_ref, mask=rows_ok, other=0)
+    for g in range(len(layout.heads)):
+        k_ref, v_ref = refs[2 * g], refs[2 * g + 1]
+
+        @pl.when(layout.owns(g, p))
+        def _(k_ref=k_ref, v_ref=v_ref, g=g):
+            out = _attend(q, k_ref, v_ref, lens_ref[g], block_k=block_k, scale=scale)
+            plgpu.store(o_ref, out.astype(o_ref.dtype), mask=rows_ok)
+
+
+def _attend(q, k_ref, v_ref, kv_len, *, block_k: int, scale: float):
+    """Online softmax of q [bq, D] over the first kv_len rows of k_ref, v_ref [Lk, D]."""
+    bq, d = q.shape
+    qk_scale = scale * math.log2(math.e)  # exp2 is the fast path; fold log2(e) into the scale
+    # Triton's default for float32 dots is tf32; HIGHEST makes float32 inputs exact (IEEE).
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    def step(j, carry, masked: bool):
+        acc, m, l = carry
+        cols = pl.ds(j * block_k, block_k)
+        if masked:
+            ok = j * block_k + jnp.arange(block_k) < kv_len
+            k = plgpu.load(k_ref.at[cols, :], mask=ok[:, None], other=0)
+            v = plgpu.load(v_ref.at[cols, :], mask=ok[:, None], other=0)
+        else:
+            k, v = k_ref[cols, :], v_ref[cols, :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * qk_scale
+        if masked:
+            s = jnp.where(ok[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        prob = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(prob.astype(v.dtype), v, precision=precision,
+                                             preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    # Full blocks without masks, then at most one ragged block with them.
+    full = kv_len // block_k
+    carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(full, pl.cdiv(kv_len, block_k), functools.partial(step, masked=True),
+                          carry)
+    acc, _, l = carry
+    return acc * (1.0 / l)[:, None]

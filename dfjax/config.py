@@ -166,3 +166,35 @@ class VideoShape:
 
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "1080p": (1088, 1920)}
+
+
+@dataclass(frozen=True)
+class DummyForcingConfig:
+    """Dummy Forcing settings (reference.md §3); defaults are the public release's."""
+
+    num_dummy: int | None = None  # None: half of all heads (the release's 180 of 360)
+    ar_start: int = 1  # AR step whose cache-refresh forward is scored; the plan applies from the next
+    local_context_length: int = 1  # chunks kept by neighbour heads
+    packed_dummy: bool = True  # release: dummy heads keep the newest clean frame; paper: current chunk only
+    normalize: str = "release"  # DHP score normalisation: "release" or "none" (the paper's raw objective)
+    query_rows: str = "release"  # scored query rows: "release", "paper", "exact" or "fraction"
+    query_fraction: float | None = None  # for query_rows="fraction"
+    seed: int = 0  # seeds the query-row sample
+
+    def __post_init__(self):
+        if self.ar_start < 0:
+            raise ValueError(f"ar_start must be >= 0, got {self.ar_start}.")
+        if self.local_context_length < 0:
+            raise ValueError(f"local_context_length must be >= 0 (chunks), got {self.local_context_length}.")
+        if self.num_dummy is not None and self.num_dummy < 0:
+            raise ValueError(f"num_dummy must be >= 0, got {self.num_dummy}.")
+        if self.normalize not in ("release", "none"):
+            raise ValueError(f"normalize must be 'release' or 'none', got {self.normalize!r}.")
+
+    def dummy_count(self, num_layers: int, num_heads: int) -> int:
+        total = num_layers * num_heads
+        n = total // 2 if self.num_dummy is None else self.num_dummy
+        if n > total:
+            raise ValueError(f"num_dummy {n} is out of range: this model has {num_layers} x {num_heads} = {total} "
+                             f"heads; choose 0..{total}.")
+        return n

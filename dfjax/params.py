@@ -19,7 +19,7 @@ def path_key(path: tuple) -> str:
 def flat_state(module_or_state: Any) -> dict[str, Any]:
     """{flat key: array} of every nnx.Param of a module (or of a State)."""
     state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
-    return {path_key(path): var.value if hasattr(var, "value") else var for path, var in nnx.to_flat_state(state)}
+    return {path_key(path): var.get_value() if hasattr(var, "get_value") else var for path, var in nnx.to_flat_state(state)}
 
 
 def abstract_params(make_module: Callable[[], nnx.Module]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -38,7 +38,7 @@ def assign_params(module: nnx.Module, flat: dict[str, Any]) -> nnx.Module:
     new_leaves = []
     for path, var in nnx.to_flat_state(state):
         key = path_key(path)
-        value, want = flat[key], var.value
+        value, want = flat[key], var.get_value()
         if tuple(value.shape) != tuple(want.shape):
             raise ValueError(f"parameter {key}: shape {tuple(value.shape)}, the model expects {tuple(want.shape)}")
         new_leaves.append((path, jax.numpy.asarray(value, dtype=want.dtype)))
@@ -46,7 +46,7 @@ def assign_params(module: nnx.Module, flat: dict[str, Any]) -> nnx.Module:
         node = module
         for p in path[:-1]:
             node = node[p] if isinstance(p, int) else getattr(node, p)
-        getattr(node, path[-1]).value = value
+        getattr(node, path[-1]).set_value(value)
     return module
 
 

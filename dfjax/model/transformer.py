@@ -19,6 +19,7 @@ from flax import nnx
 
 from dfjax.cache import AttentionLayout, refresh_packed, write_chunk
 from dfjax.config import WanConfig, dtype_of
+from dfjax.dummy.scores import frame_attention_scores
 from dfjax.model.rope import RopeTables, apply_rope, rope_cos_sin
 from kernels.attention import attention, grouped_attention
 
@@ -63,8 +64,8 @@ class Linear(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype), preferred_element_type=jnp.float32)
-        return (y + self.bias.value.astype(jnp.float32)).astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 def norm_param(dim, cfg: WanConfig, value=1.0, shape=None):
@@ -86,12 +87,13 @@ class SelfAttention(nnx.Module):
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         b, l, _ = x.shape
         heads = lambda y: y.reshape(b, l, cfg.num_heads, cfg.head_dim)
-        q = heads(rms_norm(self.q(x), self.norm_q.value, cfg.eps, dt))
-        k = heads(rms_norm(self.k(x), self.norm_k.value, cfg.eps, dt))
+        q = heads(rms_norm(self.q(x), self.norm_q[...], cfg.eps, dt))
+        k = heads(rms_norm(self.k(x), self.norm_k[...], cfg.eps, dt))
         v = heads(self.v(x))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, layer_cache, layer_layout, frame_start, is_refresh, tokens_per_frame, impl):
+    def __call__(self, x, cos, sin, layer_cache, layer_layout, frame_start, is_refresh, tokens_per_frame, impl,
+                 score_order=None, score_rows=None):
         b, l, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         num_frames = l // tokens_per_frame
@@ -104,13 +106,17 @@ class SelfAttention(nnx.Module):
             kv_len = (g.valid_frames(frame_start + num_frames) * tokens_per_frame).astype(jnp.int32)
             groups.append((ck, cv, kv_len))
         out = grouped_attention(q, tuple(groups), impl=impl)
+        scores = None
+        if score_order is not None:  # Dummy Forcing's frame attention scores, keys in frame order
+            keys = groups[0][0][:, score_order]
+            scores = frame_attention_scores(q, keys, len(score_order), tokens_per_frame, l, score_rows)
         new_cache, h0 = [], 0
         for (ck, cv, _), g in zip(groups, layer_layout):
             sl = slice(h0, h0 + g.num_heads)
             h0 += g.num_heads
             new_cache.append((refresh_packed(ck, k[:, :, sl], is_refresh, g, tokens_per_frame),
                               refresh_packed(cv, v[:, :, sl], is_refresh, g, tokens_per_frame)))
-        return self.o(out.reshape(b, l, -1)), tuple(new_cache)
+        return self.o(out.reshape(b, l, -1)), tuple(new_cache), scores
 
 
 class CrossAttention(nnx.Module):
@@ -127,14 +133,14 @@ class CrossAttention(nnx.Module):
         """K/V of the text context [B, Lt, dim]; computed once per prompt."""
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         b, lt, _ = context.shape
-        k = rms_norm(self.k(context), self.norm_k.value, cfg.eps, dt).reshape(b, lt, cfg.num_heads, cfg.head_dim)
+        k = rms_norm(self.k(context), self.norm_k[...], cfg.eps, dt).reshape(b, lt, cfg.num_heads, cfg.head_dim)
         v = self.v(context).reshape(b, lt, cfg.num_heads, cfg.head_dim)
         return k, v
 
     def __call__(self, x, kv, impl):
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         b, l, _ = x.shape
-        q = rms_norm(self.q(x), self.norm_q.value, cfg.eps, dt).reshape(b, l, cfg.num_heads, cfg.head_dim)
+        q = rms_norm(self.q(x), self.norm_q[...], cfg.eps, dt).reshape(b, l, cfg.num_heads, cfg.head_dim)
         return self.o(attention(q, kv[0], kv[1], impl=impl).reshape(b, l, -1))
 
 
@@ -150,27 +156,27 @@ class Block(nnx.Module):
         self.ffn_out = Linear(cfg.ffn_dim, cfg.dim, cfg, rngs)
 
     def __call__(self, x, e0, text_kv, cos, sin, layer_cache, layer_layout, frame_start, is_refresh,
-                 tokens_per_frame, impl):
+                 tokens_per_frame, impl, score_order=None, score_rows=None):
         """x [B, L, dim] fp32 residual stream; e0 [B, F, 6, dim] per-frame modulation."""
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         b, l, d = x.shape
         f = e0.shape[1]
-        e = self.modulation.value.astype(jnp.float32)[None, None] + e0  # [B, F, 6, dim]
+        e = self.modulation[...].astype(jnp.float32)[None, None] + e0  # [B, F, 6, dim]
         per_frame = lambda y: y.reshape(b, f, l // f, d)
         modulate = lambda y, shift, scale: (per_frame(y) * (1 + e[:, :, scale, None]) + e[:, :, shift, None])
 
         h = modulate(layer_norm(x, cfg.eps), 0, 1).reshape(b, l, d).astype(dt)
-        y, layer_cache = self.self_attn(h, cos, sin, layer_cache, layer_layout, frame_start, is_refresh,
-                                        tokens_per_frame, impl)
+        y, layer_cache, scores = self.self_attn(h, cos, sin, layer_cache, layer_layout, frame_start, is_refresh,
+                                                tokens_per_frame, impl, score_order, score_rows)
         x = x + (per_frame(y.astype(jnp.float32)) * e[:, :, 2, None]).reshape(b, l, d)
 
-        h = layer_norm(x, cfg.eps, self.norm3_weight.value, self.norm3_bias.value).astype(dt)
+        h = layer_norm(x, cfg.eps, self.norm3_weight[...], self.norm3_bias[...]).astype(dt)
         x = x + self.cross_attn(h, text_kv, impl).astype(jnp.float32)
 
         h = modulate(layer_norm(x, cfg.eps), 3, 4).reshape(b, l, d).astype(dt)
         y = self.ffn_out(gelu_tanh(self.ffn_in(h)))
         x = x + (per_frame(y.astype(jnp.float32)) * e[:, :, 5, None]).reshape(b, l, d)
-        return x, layer_cache
+        return x, layer_cache, scores
 
 
 class WanDiT(nnx.Module):
@@ -201,7 +207,7 @@ class WanDiT(nnx.Module):
         """t [B, F] -> e [B, F, dim] and the per-block modulation e0 [B, F, 6, dim], fp32."""
         sin = timestep_sinusoid(t, self.cfg.freq_dim)
         # fp32 matmuls: the time embedding must resolve timesteps ~1 apart at t ~ 1000.
-        lin = lambda layer, x: x @ layer.kernel.value.astype(jnp.float32) + layer.bias.value.astype(jnp.float32)
+        lin = lambda layer, x: x @ layer.kernel[...].astype(jnp.float32) + layer.bias[...].astype(jnp.float32)
         e = lin(self.time_embedding_2, jax.nn.silu(lin(self.time_embedding_1, sin)))
         e0 = lin(self.time_projection, jax.nn.silu(e))
         return e, e0.reshape(*t.shape, 6, self.cfg.dim)
@@ -222,8 +228,13 @@ class WanDiT(nnx.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def __call__(self, x, t, text_kv, cache, layout: AttentionLayout, rope: RopeTables, frame_start,
-                 is_refresh=False, impl="auto"):
-        """x [B, F, H, W, C], t [B, F] -> (flow prediction [B, F, H, W, C] fp32, updated cache)."""
+                 is_refresh=False, impl="auto", score_order=None, score_rows=None):
+        """x [B, F, H, W, C], t [B, F] -> (flow [B, F, H, W, C] fp32, updated cache, scores).
+
+        With score_order (token indices of a single-group cache in [sink ; neighbour ; chunk] frame
+        order) the call also returns Dummy Forcing's frame attention scores [num_layers, H, 3] for
+        the query rows score_rows [num_layers, R] (None: all rows); otherwise scores is None.
+        """
         cfg = self.cfg
         b, f, h, w, _ = x.shape
         _, ph, pw = cfg.patch
@@ -236,13 +247,16 @@ class WanDiT(nnx.Module):
         cos, sin = rope_cos_sin(rope, frame_start, f, h // ph, w // pw)
         e, e0 = self.time_embed(t)
         xs = self.patch_embedding(self.patchify(x)).astype(jnp.float32)
-        new_cache = []
-        for blk, kv, layer_cache, layer_layout in zip(self.blocks, text_kv, cache, layout.layers):
+        new_cache, scores = [], []
+        for i, (blk, kv, layer_cache, layer_layout) in enumerate(zip(self.blocks, text_kv, cache, layout.layers)):
+            rows = None if score_rows is None else score_rows[i]
             with jax.named_scope("block"):
-                xs, layer_cache = blk(xs, e0, kv, cos, sin, layer_cache, layer_layout, frame_start,
-                                      is_refresh, tpf, impl)
+                xs, layer_cache, s = blk(xs, e0, kv, cos, sin, layer_cache, layer_layout, frame_start,
+                                         is_refresh, tpf, impl, score_order, rows)
             new_cache.append(layer_cache)
-        mod = self.head_modulation.value.astype(jnp.float32)[None, None] + e[:, :, None]  # [B, F, 2, dim]
+            scores.append(s)
+        mod = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]  # [B, F, 2, dim]
         hs = layer_norm(xs, cfg.eps).reshape(b, f, tpf, cfg.dim) * (1 + mod[:, :, 1, None]) + mod[:, :, 0, None]
         out = self.head(hs.reshape(b, f * tpf, cfg.dim).astype(dtype_of(cfg.dtype)))
-        return self.unpatchify(out.astype(jnp.float32), f, h, w), tuple(new_cache)
+        scores = None if score_order is None else jnp.stack(scores)
+        return self.unpatchify(out.astype(jnp.float32), f, h, w), tuple(new_cache), scores

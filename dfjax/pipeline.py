@@ -1,0 +1,210 @@
+"""The autoregressive generation loop (Self Forcing inference), with or without Dummy Forcing.
+
+Per chunk of latent frames: the few-step flow-matching schedule, each forward attending to the KV
+cache plus the chunk itself, then one cache-refresh forward at the context-noise timestep whose
+K/V stay in the cache. One jitted step does all of a chunk's forwards in a fori_loop; the chunk
+index is a traced argument and the cache is donated, so a step compiles once per (config,
+resolution, frame count, layout) and is reused for every chunk, with no host sync inside.
+
+Dummy Forcing: chunks 0..ar_start run on the warm-up layout (every head sees frame 0, the last L
+chunks and the chunk); after ar_start's refresh the frame attention scores of that forward fix
+the plan on the host (or a loaded profile gives it), heads are permuted once, the caches are
+rebuilt per head type (dfjax.hma) and the remaining chunks run on the plan's layout.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dfjax import hma
+from dfjax.cache import AttentionLayout, init_cache
+from dfjax.config import CacheConfig, DummyForcingConfig, SamplingConfig, VideoShape, dtype_of
+from dfjax.dummy import HeadPlan, QueryRowSampling
+from dfjax.model.rope import rope_tables
+from dfjax.model.transformer import WanDiT
+from dfjax.sampling import schedule_arrays
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    video: VideoShape = VideoShape()
+    sampling: SamplingConfig = SamplingConfig()
+    cache: CacheConfig = CacheConfig()
+    dummy: DummyForcingConfig | None = None  # None: no Dummy Forcing
+    attn_impl: str = "auto"
+
+    def __post_init__(self):
+        cf = self.sampling.chunk_frames
+        if self.video.latent_frames % cf:
+            ok = [VideoShape.frames_for_latents(n * cf) for n in range(1, 8)]
+            raise ValueError(
+                f"{self.video.frames} frames give {self.video.latent_frames} latent frames, not a multiple of the "
+                f"chunk size {cf}; choose a frame count such as {ok}."
+            )
+        if self.cache.kind == "local" and (self.cache.window_frames % cf):
+            raise ValueError(f"the local window ({self.cache.window_frames} frames) must be a multiple of the "
+                             f"chunk size {cf}.")
+
+    @property
+    def num_chunks(self) -> int:
+        return self.video.latent_frames // self.sampling.chunk_frames
+
+
+def tokens_per_frame(model_cfg, video: VideoShape) -> int:
+    h, w = video.latent_hw
+    return (h // model_cfg.patch[1]) * (w // model_cfg.patch[2])
+
+
+def base_layout(model_cfg, run: RunConfig) -> AttentionLayout:
+    """The cache layout without Dummy Forcing: global (all earlier frames) or local window + sink."""
+    tpf, cf = tokens_per_frame(model_cfg, run.video), run.sampling.chunk_frames
+    if run.cache.kind == "global":
+        sink, window = 0, run.video.latent_frames
+    else:
+        sink, window = run.cache.sink_frames, run.cache.window_frames
+    return AttentionLayout.uniform(model_cfg.num_layers, model_cfg.num_heads, sink, window, tpf, cf)
+
+
+def _chunk_step(graphdef, params, text_kv, cache, key, chunk, *, layout, shape, schedule, rope, impl):
+    """All forwards of one chunk: returns (x0 of the last denoising step, cache after the refresh)."""
+    model = nnx.merge(graphdef, params)
+    timesteps, sigmas, next_sigmas = schedule
+    n = sigmas.shape[0]
+    sig = jnp.append(sigmas, 0.0)  # at the refresh forward x0 = x - 0*flow keeps x0
+    nxt = jnp.append(next_sigmas, 0.0)
+    cf = shape[1]
+    frame_start = chunk * cf
+    key = jax.random.fold_in(key, chunk)
+    x = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+
+    def body(i, carry):
+        x, x0, cache = carry
+        t = jnp.full((shape[0], cf), timesteps[i], jnp.float32)
+        flow, cache, _ = model(x, t, text_kv, cache, layout, rope, frame_start, is_refresh=i == n, impl=impl)
+        x0 = jnp.where(i < n, x - sig[i] * flow, x0)
+        noise = jax.random.normal(jax.random.fold_in(key, i + 1), shape, jnp.float32)
+        x = (1 - nxt[i]) * x0 + nxt[i] * noise  # fresh noise at every step (Self Forcing)
+        return x, x0, cache
+
+    _, x0, cache = jax.lax.fori_loop(0, n + 1, body, (x, x, cache))
+    return x0, cache
+
+
+def _refresh_scores(graphdef, params, text_kv, cache, x0, chunk, rows, *, layout, order, rope, impl, context_noise):
+    """Dummy Forcing's scores: the cache-refresh forward of `chunk` again, with the scores collected."""
+    model = nnx.merge(graphdef, params)
+    t = jnp.full(x0.shape[:2], context_noise, jnp.float32)
+    _, _, scores = model(x0, t, text_kv, cache, layout, rope, chunk * x0.shape[1], is_refresh=True, impl=impl,
+                         score_order=order, score_rows=rows)
+    return scores
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    latents: jax.Array  # [B, chunk_frames, h, w, C]
+
+
+@dataclass
+class Generator:
+    """Compiles and runs the AR loop of one model for one RunConfig (and batch size)."""
+
+    model: WanDiT
+    run: RunConfig
+    batch: int = 1
+    plan: HeadPlan | None = None  # a calibration profile; None with Dummy Forcing: score online
+    trace_counts: dict = field(default_factory=dict)  # step name -> times traced (tests check reuse)
+    last_plan: HeadPlan | None = None  # the plan the last Dummy Forcing video used
+    scores: np.ndarray | None = None  # the last online frame attention scores [layers, heads, 3]
+
+    def __post_init__(self):
+        cfg = self.model.cfg
+        self.graphdef, self.params = nnx.split(self.model)
+        self.rope = rope_tables(cfg.head_dim, cfg.rope_max_pos, cfg.rope_theta)
+        self.schedule = schedule_arrays(self.run.sampling)
+        h, w = self.run.video.latent_hw
+        self.shape = (self.batch, self.run.sampling.chunk_frames, h, w, cfg.in_channels)
+        self.cache_dtype = dtype_of(cfg.dtype)
+        if self.run.dummy is not None:
+            d = self.run.dummy
+            d.dummy_count(cfg.num_layers, cfg.num_heads)  # range check before any work
+            if self.plan is not None:
+                self.plan.validate(cfg.num_layers, cfg.num_heads)
+        self._text_kv = jax.jit(lambda params, ctx: nnx.merge(self.graphdef, params).text_kv(ctx))
+        self._steps = {}
+
+    # -- compiled pieces ----------------------------------------------------------------------------
+    def _step(self, layout: AttentionLayout):
+        if layout not in self._steps:
+            name = f"step{len(self._steps)}"
+
+            def step(*args, **kw):
+                self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+                return _chunk_step(self.graphdef, *args, **kw)
+
+            self._steps[layout] = jax.jit(
+                functools.partial(step, layout=layout, shape=self.shape, schedule=self.schedule, rope=self.rope,
+                                  impl=self.run.attn_impl),
+                donate_argnames=("cache",),
+            )
+        return self._steps[layout]
+
+    def text_kv(self, context):
+        """Cross-attention K/V of a text context [B, Lt, text_dim]; compute once per prompt batch."""
+        return self._text_kv(self.params, context)
+
+    def layouts(self):
+        cfg, tpf, cf = self.model.cfg, tokens_per_frame(self.model.cfg, self.run.video), self.run.sampling.chunk_frames
+        if self.run.dummy is None:
+            return base_layout(cfg, self.run), None
+        return hma.warmup_layout(cfg.num_layers, cfg.num_heads, self.run.dummy.local_context_length, tpf, cf), None
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def chunks(self, text_kv, seed: int) -> Iterator[ChunkResult]:
+        """Yields each chunk's clean latents as soon as it is dispatched (device arrays, not synced)."""
+        cfg = self.model.cfg
+        key = jax.random.PRNGKey(seed)
+        layout, _ = self.layouts()
+        params = self.params
+        cache = init_cache(layout, self.batch, cfg.head_dim, self.cache_dtype)
+        d = self.run.dummy
+        plan = self.plan
+        for c in range(self.run.num_chunks):
+            x0, cache = self._step(layout)(params, text_kv, cache, key, jnp.int32(c))
+            yield ChunkResult(c, x0)
+            if d is not None and c == d.ar_start and c + 1 < self.run.num_chunks:
+                if plan is None:
+                    plan = self.score_and_plan(params, text_kv, cache, x0, c, layout)
+                self.last_plan = plan
+                layout_b = hma.plan_layout(plan, layout.tokens_per_frame, layout.chunk_frames)
+                cache = jax.jit(hma.transition_cache, static_argnums=(1, 2, 3, 4))(cache, layout, layout_b, plan, c)
+                model = nnx.merge(self.graphdef, params)
+                hma.permute_heads(model, plan)
+                _, params = nnx.split(model)
+                layout = layout_b
+
+    def score_and_plan(self, params, text_kv, cache, x0, chunk, layout) -> HeadPlan:
+        """Scores the refresh forward of `chunk` and solves DHP on the host (one sync per video)."""
+        cfg, d = self.model.cfg, self.run.dummy
+        lq = layout.tokens_per_frame * layout.chunk_frames
+        sampling = QueryRowSampling(d.query_rows, d.query_fraction)
+        per_layer = [sampling.rows(lq, layout.tokens_per_frame, (d.seed, i)) for i in range(cfg.num_layers)]
+        rows = None if per_layer[0] is None else jnp.asarray(np.stack(per_layer))
+        order = hma.score_key_order(layout, chunk)
+        fn = jax.jit(functools.partial(_refresh_scores, self.graphdef, layout=layout, order=order, rope=self.rope,
+                                       impl=self.run.attn_impl, context_noise=self.run.sampling.context_noise))
+        self.scores = np.asarray(fn(params, text_kv, cache, x0, jnp.int32(chunk), rows))
+        return HeadPlan.from_scores(self.scores, d.dummy_count(cfg.num_layers, cfg.num_heads), normalize=d.normalize,
+                                    local_context_length=d.local_context_length, packed_dummy=d.packed_dummy)
+
+    def generate(self, context, seed: int = 0) -> jax.Array:
+        """All latents [B, F, h, w, C] of one video batch."""
+        kv = self.text_kv(context)
+        return jnp.concatenate([r.latents for r in self.chunks(kv, seed)], axis=1)

@@ -48,9 +48,8 @@ def grouped_attention(q: jax.Array, groups: tuple[Group, ...], *, impl: Impl = "
     ks = tuple(k for k, _, _ in groups)
     vs = tuple(v for _, v, _ in groups)
     kv_lens = _kv_lens(groups)
-    if jax.default_backend() == "tpu":
-        return paf_tpu.paf_attention(q, ks, vs, kv_lens, interpret=interpret)
-    return paf_gpu.paf_attention(q, ks, vs, kv_lens, interpret=interpret)
+    kernel = paf_tpu if _platform() == "tpu" else paf_gpu
+    return kernel.paf_attention(q, ks, vs, kv_lens, interpret=interpret)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None = None, *,
@@ -100,7 +99,7 @@ def _resolve_impl(impl: Impl, dtype, interpret: bool) -> str:
     else AUTO_GPU_IMPL (chosen from benchmarks/results/kernels-*.json); xla elsewhere."""
     if impl not in ("auto", "xla", "cudnn", "pallas"):
         raise ValueError(f"unknown attention impl {impl!r}")
-    backend = jax.default_backend()
+    backend = _platform()
     if impl == "auto":
         if backend == "tpu":
             return "pallas"
@@ -118,6 +117,11 @@ def _resolve_impl(impl: Impl, dtype, interpret: bool) -> str:
 # Which impl "auto" takes for bf16/f16 on NVIDIA GPUs: the faster one at the model's real shapes
 # in the H100 benchmark (benchmarks/kernels.py).
 AUTO_GPU_IMPL = "pallas"
+
+
+def _platform() -> str:
+    """The backend that picks the kernel: "gpu", "tpu" or "cpu" (one seam for the tests)."""
+    return jax.default_backend()
 
 
 def _checked_groups(q: jax.Array, groups) -> tuple[Group, ...]:

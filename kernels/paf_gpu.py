@@ -123,12 +123,10 @@ def _attend(q, k_ref, v_ref, kv_len, *, block_k: int, scale: float):
     def step(j, carry, masked: bool):
         acc, m, l = carry
         cols = pl.ds(j * block_k, block_k)
-        if masked:
-            ok = j * block_k + jnp.arange(block_k) < kv_len
-            k = plgpu.load(k_ref.at[cols, :], mask=ok[:, None], other=0)
-            v = plgpu.load(v_ref.at[cols, :], mask=ok[:, None], other=0)
-        else:
-            k, v = k_ref[cols, :], v_ref[cols, :]
+        ok = j * block_k + jnp.arange(block_k) < kv_len
+        mask, other = (ok[:, None], 0) if masked else (None, None)
+        k = plgpu.load(k_ref.at[cols, :], mask=mask, other=other)
+        v = plgpu.load(v_ref.at[cols, :], mask=mask, other=other)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * qk_scale
         if masked:

@@ -1,0 +1,191 @@
+"""Attention kernels: the jnp reference against float64 numpy, and the Pallas GPU (Triton) and
+TPU (Mosaic) kernels, in interpret mode on CPU, against the reference.
+
+Tolerances, as max |out - ref| / max |ref|:
+- float32 1e-5: kernel and reference both multiply in exact float32 (IEEE / HIGHEST); they
+  differ only in summation order and in the online softmax's rescaling, a few float32 ulps
+  (~1e-7) each, growing at most with the number of key blocks.
+- bfloat16 1e-2: the kernels round the probabilities to bf16 before the value product (as
+  FlashAttention does) and the output to bf16, each a relative error of up to 2^-8.
+The TPU interpreter fills VMEM that no DMA wrote with NaN, so a missed mask on a ragged block
+shows up as NaN, not as a silently right answer.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import attention as attn
+from kernels import paf_gpu, paf_tpu
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+# Small blocks so that the test shapes span several blocks with ragged tails.
+GPU_BLOCKS = paf_gpu.BlockSizes(block_q=16, block_k=16)
+TPU_BLOCKS = paf_tpu.BlockSizes(block_q=16, block_k=32)
+D = 128  # the TPU kernel needs a lane-dense head_dim; the GPU kernel runs the same cases
+
+
+def _run_gpu(q, groups):
+    ks, vs, lens = _split(groups)
+    return paf_gpu.paf_attention(q, ks, vs, lens, block_sizes=GPU_BLOCKS, interpret=True)
+
+
+def _run_tpu(q, groups):
+    ks, vs, lens = _split(groups)
+    return paf_tpu.paf_attention(q, ks, vs, lens, block_sizes=TPU_BLOCKS, interpret=True)
+
+
+KERNELS = {"gpu": _run_gpu, "tpu": _run_tpu}
+
+
+def _split(groups):
+    ks = tuple(k for k, _, _ in groups)
+    vs = tuple(v for _, v, _ in groups)
+    return ks, vs, attn._kv_lens(groups)
+
+
+def _inputs(seed, dtype, lq, group_shapes, batch=1):
+    """q and (k, v) per group from (heads, Lk) pairs; normal data, fixed seed."""
+    rng = np.random.default_rng(seed)
+    h = sum(hg for hg, _ in group_shapes)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+    q = normal(batch, lq, h, D)
+    kvs = [(normal(batch, lk, hg, D), normal(batch, lk, hg, D)) for hg, lk in group_shapes]
+    return q, kvs
+
+
+def _assert_close(out, ref, dtype):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all()
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err <= TOL[dtype], err
+
+
+def _numpy_attention(q, groups):
+    """float64 numpy: the softmax written out, one group at a time."""
+    q = np.asarray(q, np.float64)
+    outs, head = [], 0
+    for k, v, kv_len in groups:
+        n = k.shape[1] if kv_len is None else int(kv_len)
+        k, v = np.asarray(k, np.float64)[:, :n], np.asarray(v, np.float64)[:, :n]
+        qg = q[:, :, head:head + k.shape[2]]
+        head += k.shape[2]
+        s = np.einsum("bqhd,bkhd->bhqk", qg, k) / np.sqrt(q.shape[-1])
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        outs.append(np.einsum("bhqk,bkhd->bqhd", p, v))
+    return np.concatenate(outs, axis=2)
+
+
+# ---------------------------------------------------------------- the reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_float64_softmax(dtype):
+    q, kvs = _inputs(0, dtype, 29, [(2, 41), (3, 64)], batch=2)
+    groups = ((*kvs[0], jnp.int32(23)), (*kvs[1], None))
+    _assert_close(attn.reference_attention(q, groups), _numpy_attention(q, groups), dtype)
+
+
+# ---------------------------------------------------------------- kernels vs reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_ragged_lengths_and_single_head_groups(kernel, dtype):
+    # No length is a block multiple; the first group has one head, the second one key block
+    # more than the first, so programs of the two groups loop for different counts.
+    q, kvs = _inputs(1, dtype, 37, [(1, 53), (3, 91)], batch=2)
+    groups = ((*kvs[0], None), (*kvs[1], None))
+    _assert_close(KERNELS[kernel](q, groups), attn.reference_attention(q, groups), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dynamic_kv_len(kernel, dtype):
+    # One compiled function, kv_len traced: one key, a block multiple (32), ragged (37), all.
+    q, [(k, v)] = _inputs(2, dtype, 24, [(2, 100)])
+    run = jax.jit(lambda n: KERNELS[kernel](q, ((k, v, n),)))
+    for n in (1, 32, 37, 100):
+        groups = ((k, v, jnp.int32(n)),)
+        _assert_close(run(jnp.int32(n)), attn.reference_attention(q, groups), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_scaled_down_model_layout(kernel, dtype):
+    # The 480P block structure scaled to 20 tokens a frame: a chunk of 3 frames queries
+    # sink+dummy heads over 4 frames and neighbour heads over 6 (PAF), and the baseline's
+    # global cache of 21 frames while it is filled to 9 of them.
+    frame = 20
+    q, kvs = _inputs(3, dtype, 3 * frame, [(4, 4 * frame), (6, 6 * frame), (10, 21 * frame)])
+    paf = ((*kvs[0], None), (*kvs[1], None))
+    _assert_close(KERNELS[kernel](q[:, :, :10], paf), attn.reference_attention(q[:, :, :10], paf),
+                  dtype)
+    dense = ((*kvs[2], jnp.int32(9 * frame)),)
+    _assert_close(KERNELS[kernel](q[:, :, 10:], dense),
+                  attn.reference_attention(q[:, :, 10:], dense), dtype)
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_dispatcher_skips_empty_groups(monkeypatch, platform):
+    # The platform seam routes impl="pallas" to that platform's kernel, run by its interpreter.
+    monkeypatch.setattr(attn, "_platform", lambda: platform)
+    dtype = jnp.float32
+    q, kvs = _inputs(4, dtype, 21, [(0, 30), (2, 50), (1, 70)])
+    groups = ((*kvs[0], None), (*kvs[1], None), (*kvs[2], jnp.int32(33)))
+    out = attn.grouped_attention(q, groups, impl="pallas", interpret=True)
+    _assert_close(out, _numpy_attention(q, groups[1:]), dtype)
+
+
+def test_dense_attention_is_one_group():
+    q, [(k, v)] = _inputs(5, jnp.float32, 19, [(3, 45)])
+    out = attn.attention(q, k, v, jnp.int32(30), impl="pallas", interpret=True)
+    _assert_close(out, _numpy_attention(q, ((k, v, 30),)), jnp.float32)
+
+
+def test_auto_is_the_reference_on_cpu(monkeypatch):
+    monkeypatch.setattr(attn, "_platform", lambda: "cpu")
+    q, [(k, v)] = _inputs(6, jnp.float32, 8, [(2, 16)])
+    auto = attn.attention(q, k, v, jnp.int32(5))
+    assert np.array_equal(np.asarray(auto), np.asarray(attn.attention(q, k, v, jnp.int32(5),
+                                                                       impl="xla")))
+
+
+def test_bad_inputs_are_rejected():
+    q, [(k, v)] = _inputs(7, jnp.float32, 8, [(2, 16)])
+    with pytest.raises(ValueError, match="heads"):
+        attn.grouped_attention(q, ((k[:, :, :1], v[:, :, :1], None),))
+    with pytest.raises(ValueError, match="interpret"):
+        attn.attention(q, k, v, impl="pallas")
+    with pytest.raises(ValueError, match="unknown"):
+        attn.attention(q, k, v, impl="flash")
+
+
+# ---------------------------------------------------------------- compiled, on a GPU
+
+
+def _has_gpu():
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_gpu_kernels(dtype):
+    # The compiled Triton kernel with its default blocks, and cuDNN where it applies (bf16).
+    q, kvs = _inputs(8, dtype, 300, [(5, 400), (7, 650)], batch=2)
+    groups = ((*kvs[0], None), (*kvs[1], jnp.int32(517)))
+    ref = attn.reference_attention(q, groups)
+    impls = ["pallas", "auto"] + (["cudnn"] if dtype == jnp.bfloat16 else [])
+    for impl in impls:
+        run = jax.jit(functools.partial(attn.grouped_attention, impl=impl))
+        _assert_close(run(q, groups), ref, dtype)

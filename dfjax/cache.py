@@ -46,6 +46,10 @@ class GroupLayout:
         """Cache slot (in frames) of absolute latent frame f (may be traced)."""
         return jnp.where(f < self.sink_frames, f, self.sink_frames + (f - self.sink_frames) % self.window_frames)
 
+    def static_slot(self, f: int) -> int:
+        """slot_of_frame for a Python int (host-side index building)."""
+        return f if f < self.sink_frames else self.sink_frames + (f - self.sink_frames) % self.window_frames
+
     def valid_frames(self, end):
         """Filled slots once frames [0, end) have been written (a prefix of the buffer)."""
         return jnp.minimum(end, self.sink_frames) + jnp.clip(end - self.sink_frames, 0, self.window_frames)

@@ -66,7 +66,7 @@ def transition_cache(cache_a, layout_a: AttentionLayout, layout_b: AttentionLayo
     nbr_frames = [f for f in range(max(0, (last_chunk - L + 1) * cf), (last_chunk + 1) * cf)]
 
     def frames_of(buf, g_a, f):
-        s = int(np.asarray(g_a.slot_of_frame(f)))
+        s = g_a.static_slot(f)
         return buf[:, s * tpf:(s + 1) * tpf]
 
     out = []
@@ -88,7 +88,7 @@ def transition_cache(cache_a, layout_a: AttentionLayout, layout_b: AttentionLayo
                     new = new.at[:, :tpf].set(first)
                 else:  # a ring of the last L chunks + the chunk slot
                     for f in nbr_frames:
-                        s = int(np.asarray(g.slot_of_frame(f)))
+                        s = g.static_slot(f)
                         new = new.at[:, s * tpf:(s + 1) * tpf].set(frames_of(src, g_a, f))
                 bufs.append(new)
             groups.append(tuple(bufs))
@@ -105,7 +105,7 @@ def score_key_order(layout_a: AttentionLayout, chunk: int) -> np.ndarray:
     end = (chunk + 1) * cf
     first_kept = max(1, end - g.window_frames)
     frames = [0] + list(range(first_kept, end)) if end > 1 else [0]
-    slots = [int(np.asarray(g.slot_of_frame(f))) for f in frames]
+    slots = [g.static_slot(f) for f in frames]
     return np.concatenate([np.arange(s * tpf, (s + 1) * tpf) for s in slots]).astype(np.int32)
 
 

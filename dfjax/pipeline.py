@@ -185,7 +185,7 @@ class Generator:
                 self.last_plan = plan
                 layout_b = hma.plan_layout(plan, layout.tokens_per_frame, layout.chunk_frames)
                 cache = jax.jit(hma.transition_cache, static_argnums=(1, 2, 3, 4))(cache, layout, layout_b, plan, c)
-                model = nnx.merge(self.graphdef, params)
+                model = nnx.merge(self.graphdef, params, copy=True)  # keep self.params unpermuted
                 hma.permute_heads(model, plan)
                 _, params = nnx.split(model)
                 layout = layout_b

@@ -1,0 +1,216 @@
+"""Dummy Forcing end to end: head permutation, the AR loop against a per-head masked PyTorch oracle
+(diffusers' Wan transformer, full-prefix forwards), online scores against the oracle's dense
+attention, and planted dummy heads found by DHP.
+
+Tolerances: fp32 on both sides, tiny model; a whole 4-chunk loop of 4 steps compounds rounding of
+~1e-6 per forward, so 2e-4 absolute on latents of order 1; scores are probabilities (1e-4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from convert.transformer import convert_transformer  # noqa: E402
+from dfjax import hma  # noqa: E402
+from dfjax.cache import AttentionLayout, init_cache  # noqa: E402
+from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape, WanConfig  # noqa: E402
+from dfjax.dummy import DUMMY, NEIGHBOUR, SINK, HeadPlan  # noqa: E402
+from dfjax.model.rope import rope_tables  # noqa: E402
+from dfjax.model.transformer import WanDiT  # noqa: E402
+from dfjax.params import assign_params  # noqa: E402
+from dfjax.pipeline import Generator, RunConfig  # noqa: E402
+from dfjax.sampling import schedule  # noqa: E402
+from tests.oracles import MaskedSelfAttention, diffusers_forward, tiny_diffusers_transformer  # noqa: E402
+
+CFG = WanConfig.tiny(num_layers=3)
+TPF, CF = 6, 2
+VIDEO = VideoShape(height=32, width=48, frames=29)  # 8 latent frames = 4 chunks of 2
+SAMPLING = SamplingConfig(chunk_frames=CF)
+N_FRAMES = VIDEO.latent_frames
+
+
+@pytest.fixture(scope="module")
+def models():
+    tm = tiny_diffusers_transformer(CFG, seed=1)
+    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+    return tm, assign_params(WanDiT(CFG, nnx.Rngs(0)), convert_transformer(sd, CFG))
+
+
+def context(batch=1):
+    return np.asarray(jax.random.normal(jax.random.PRNGKey(7), (batch, CFG.text_len, CFG.text_dim)))
+
+
+def a_plan(packed=True, L=1):
+    types = ((SINK, DUMMY, NEIGHBOUR, DUMMY), (DUMMY, DUMMY, SINK, SINK), (NEIGHBOUR, NEIGHBOUR, DUMMY, NEIGHBOUR))
+    return HeadPlan(types, local_context_length=L, packed_dummy=packed)
+
+
+def test_permuted_model_gives_the_same_output(models):
+    _, model = models
+    plan = a_plan()
+    permuted = nnx.merge(*nnx.split(model), copy=True)
+    hma.permute_heads(permuted, plan)
+    layout = AttentionLayout.uniform(CFG.num_layers, CFG.num_heads, 0, 4, TPF, 4)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 4, 6, CFG.in_channels))
+    t = jnp.full((1, 4), 500.0)
+    outs = []
+    for m in (model, permuted):
+        kv = m.text_kv(jnp.asarray(context()))
+        cache = init_cache(layout, 1, CFG.head_dim, jnp.float32)
+        outs.append(np.asarray(m(x, t, kv, cache, layout, rope_tables(CFG.head_dim), jnp.int32(0), impl="xla")[0]))
+    assert not np.array_equal(np.asarray(model.blocks[0].self_attn.q.kernel[...]),
+                              np.asarray(permuted.blocks[0].self_attn.q.kernel[...]))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+def head_masks(plan: HeadPlan, layer: int, num_chunks: int, ar_start: int, L: int):
+    """[H, N*T, N*T] bool key masks of the full-prefix oracle: row chunk j uses the rule in force at j."""
+    n = num_chunks * CF
+    masks = np.zeros((CFG.num_heads, n, n), bool)
+    for j in range(num_chunks):
+        rows = slice(j * CF, (j + 1) * CF)
+        end = (j + 1) * CF
+        fk = np.arange(n)
+        own = (fk >= j * CF) & (fk < end)
+        for h in range(CFG.num_heads):
+            if j <= ar_start:  # warm-up: frame 0, the last L chunks, the chunk
+                ok = (fk == 0) | ((fk >= end - (L + 1) * CF) & (fk < end))
+            else:
+                kind = plan.head_types[layer][h]
+                if kind == SINK:
+                    ok = (fk == 0) | own
+                elif kind == NEIGHBOUR:
+                    ok = (fk >= end - (L + 1) * CF) & (fk < end)
+                else:  # packed: the newest clean frame (last of the previous chunk); paper: chunk only
+                    ok = own | ((fk == j * CF - 1) if plan.packed_dummy else False)
+            masks[h, rows] = ok[None, :]
+    return np.repeat(np.repeat(masks, TPF, 1), TPF, 2)
+
+
+def oracle_loop(tm, plan, ar_start, L, seed, ctx):
+    """The AR loop in PyTorch: each step is one full-prefix forward [clean chunks ; noisy chunk]."""
+    ts, sig = schedule(SAMPLING)
+    nxt = np.append(sig[1:], 0.0)
+    h, w = VIDEO.latent_hw
+    shape = (1, CF, h, w, CFG.in_channels)
+    clean = []
+    for c in range(N_FRAMES // CF):
+        for layer, blk in enumerate(tm.blocks):
+            m = torch.from_numpy(head_masks(plan, layer, c + 1, ar_start, L))[None]
+            blk.attn1.set_processor(MaskedSelfAttention(blk.attn1.processor.inner
+                                                        if isinstance(blk.attn1.processor, MaskedSelfAttention)
+                                                        else blk.attn1.processor, m))
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), c)
+        x = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), shape))
+        for i in range(len(ts)):
+            full = np.concatenate(clean + [x], axis=1)
+            t = np.concatenate([np.zeros((1, c * CF)), np.full((1, CF), ts[i])], axis=1).astype(np.float32)
+            flow = diffusers_forward(tm, np.ascontiguousarray(full.transpose(0, 4, 1, 2, 3)), t, ctx, TPF)
+            flow = flow[:, :, c * CF:].transpose(0, 2, 3, 4, 1)
+            x0 = (x - np.float32(sig[i]) * flow).astype(np.float32)
+            noise = np.asarray(jax.random.normal(jax.random.fold_in(key, i + 1), shape))
+            x = ((1 - np.float32(nxt[i])) * x0 + np.float32(nxt[i]) * noise).astype(np.float32)
+        clean.append(x0)
+    for blk in tm.blocks:
+        blk.attn1.set_processor(blk.attn1.processor.inner)
+    return np.concatenate(clean, axis=1)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_dummy_forcing_loop_matches_per_head_masked_oracle(models, packed):
+    tm, model = models
+    plan = a_plan(packed=packed)
+    run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla",
+                    dummy=DummyForcingConfig(ar_start=1, local_context_length=1, packed_dummy=packed))
+    gen = Generator(model, run, plan=plan)
+    ours = np.asarray(gen.generate(jnp.asarray(context()), seed=5))
+    ref = oracle_loop(tm, plan, ar_start=1, L=1, seed=5, ctx=context())
+    assert np.abs(ours - ref).max() < 2e-4
+    assert gen.trace_counts == {"step0": 1, "step1": 1}  # warm-up step, then one plan step for chunks 2, 3
+
+
+class RecordQK:
+    """A processor that records q and k after RoPE (diffusers' math) before running the real one."""
+
+    def __init__(self, inner, store):
+        self.inner, self.store = inner, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        cos, sin = rotary_emb
+
+        def rot(x):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            c, s = cos[..., 0::2], sin[..., 1::2]
+            return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+
+        self.store.append((rot(q).detach().numpy(), rot(k).detach().numpy()))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+def test_exact_online_scores_match_dense_attention_of_the_oracle(models):
+    tm, model = models
+    ar_start = 1
+    run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla",
+                    dummy=DummyForcingConfig(ar_start=ar_start, num_dummy=4, query_rows="exact"))
+    gen = Generator(model, run)
+    lat = np.asarray(gen.generate(jnp.asarray(context()), seed=2))
+    # oracle: the refresh forward of chunk ar_start = clean prefix at t=0 (warm-up keys: all frames here)
+    n = (ar_start + 1) * CF
+    store = []
+    for blk in tm.blocks:
+        blk.attn1.set_processor(RecordQK(blk.attn1.processor, store))
+    m = np.tril(np.ones((ar_start + 1, ar_start + 1), bool))
+    mask = np.repeat(np.repeat(np.repeat(np.repeat(m, CF, 0), CF, 1), TPF, 0), TPF, 1)
+    for blk, rec in zip(tm.blocks, [b.attn1.processor for b in tm.blocks]):
+        blk.attn1.set_processor(RecordQK(MaskedSelfAttention(rec.inner, torch.from_numpy(mask)[None, None]), store))
+    store.clear()
+    diffusers_forward(tm, np.ascontiguousarray(lat[:, :n].transpose(0, 4, 1, 2, 3)), np.zeros((1, n), np.float32),
+                      context(), TPF)
+    for blk in tm.blocks:
+        blk.attn1.set_processor(blk.attn1.processor.inner.inner)
+    ref = []
+    for q, k in store:
+        q = q[0, -CF * TPF:].astype(np.float64)  # the chunk's queries
+        k = k[0].astype(np.float64)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(CFG.head_dim)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        sink = p[:, :, :TPF].sum(-1).mean(-1)
+        cur = p[:, :, -CF * TPF:].sum(-1).mean(-1)
+        ref.append(np.stack([sink, 1 - sink - cur, cur], -1))
+    np.testing.assert_allclose(gen.scores, np.stack(ref), atol=1e-4)
+    assert gen.last_plan.num_dummy == 4
+
+
+def test_planted_current_frame_heads_are_classified_dummy():
+    """Heads whose q/k carry only a strong time-RoPE component attend to their own frame: DHP finds them."""
+    cfg = WanConfig.tiny(num_layers=3)
+    model = WanDiT(cfg, nnx.Rngs(3))
+    planted = {(0, 1), (1, 3), (2, 0), (2, 2)}
+    d = cfg.head_dim
+    for layer, head in planted:
+        attn = model.blocks[layer].self_attn
+        cols = np.arange(head * d, (head + 1) * d)
+        for lin, norm in ((attn.q, attn.norm_q), (attn.k, attn.norm_k)):
+            lin.kernel.set_value(lin.kernel[...].at[:, cols].set(0.0))
+            bias = np.zeros(d, np.float32)
+            bias[0] = 1.0  # the highest-frequency time pair: q.k peaks when query and key share a frame
+            lin.bias.set_value(lin.bias[...].at[cols].set(bias))
+            norm.set_value(norm[...].at[cols].set(40.0))
+    run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla",
+                    dummy=DummyForcingConfig(ar_start=1, num_dummy=len(planted), query_rows="exact"))
+    gen = Generator(model, run)
+    gen.generate(jnp.asarray(context()))
+    assert gen.last_plan.dummy_heads() == frozenset(planted)
+    for layer, head in planted:
+        assert gen.scores[layer, head, 2] > 0.8  # over 80% of the mass on the current chunk

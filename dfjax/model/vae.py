@@ -125,7 +125,8 @@ def _kernel(rngs, shape, cfg):
 
 
 class CausalConv3d(nnx.Module):
-    """A conv with kernel (kt, kh, kw), kt > 1: causal in time, 'same' in space."""
+    """A conv with kernel (kt, kh, kw), kt > 1: causal in time (its cache holds the kt-1 frames before x), 'same'
+    in space."""
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], *, cfg: WanVAEConfig, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_kernel(rngs, (*kernel, cin, cout), cfg))
@@ -182,7 +183,8 @@ class Pointwise(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x / ||x|| over channels * sqrt(C) * gamma (torch F.normalize, eps 1e-12), in fp32."""
+    """x / ||x|| over channels * sqrt(C) * gamma (torch F.normalize, eps 1e-12), in fp32.
+    No bias: every RMS_norm of the Wan2.1 VAE has bias=False."""
 
     def __init__(self, dim: int, *, cfg: WanVAEConfig):
         self.gamma = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)))
@@ -453,6 +455,7 @@ class WanVAE(nnx.Module):
         self.encoder = WanEncoder(cfg, rngs=rngs) if cfg.with_encoder else None
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))  # one compiled program per size: ~100 zero buffers in one call
 def init_decoder_cache(cfg: WanVAEConfig, batch: int, latent_h: int, latent_w: int) -> DecoderCache:
     """A cleared cache for a new video: decode its first chunk with it, then pass on what decode_chunk returns."""
     decoder = nnx.eval_shape(lambda: WanDecoder(cfg, rngs=nnx.Rngs(0)))  # shapes only, no parameters

@@ -15,6 +15,7 @@ rebuilt per head type (dfjax.hma) and the remaining chunks run on the plan's lay
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -139,6 +140,8 @@ class Generator:
                 self.plan.validate(cfg.num_layers, cfg.num_heads)
         self._text_kv = jax.jit(lambda params, ctx: nnx.merge(self.graphdef, params).text_kv(ctx))
         self._steps = {}
+        self._compiled = {}
+        self.compile_s = 0.0  # seconds spent compiling steps (ahead of time, outside the timed runs)
 
     # -- compiled pieces ----------------------------------------------------------------------------
     def _step(self, layout: AttentionLayout):
@@ -156,28 +159,37 @@ class Generator:
             )
         return self._steps[layout]
 
+    def _run_step(self, layout: AttentionLayout, *args):
+        """Runs a chunk step; the first use of a layout compiles it ahead of time (timed into compile_s)."""
+        if layout not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[layout] = self._step(layout).lower(*args).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._compiled[layout](*args)
+
     def text_kv(self, context):
         """Cross-attention K/V of a text context [B, Lt, text_dim]; compute once per prompt batch."""
         return self._text_kv(self.params, context)
 
-    def layouts(self):
+    def first_layout(self) -> AttentionLayout:
+        """The layout of chunk 0: the base layout, or Dummy Forcing's warm-up layout."""
         cfg, tpf, cf = self.model.cfg, tokens_per_frame(self.model.cfg, self.run.video), self.run.sampling.chunk_frames
         if self.run.dummy is None:
-            return base_layout(cfg, self.run), None
-        return hma.warmup_layout(cfg.num_layers, cfg.num_heads, self.run.dummy.local_context_length, tpf, cf), None
+            return base_layout(cfg, self.run)
+        return hma.warmup_layout(cfg.num_layers, cfg.num_heads, self.run.dummy.local_context_length, tpf, cf)
 
     # -- the loop -----------------------------------------------------------------------------------
     def chunks(self, text_kv, seed: int) -> Iterator[ChunkResult]:
         """Yields each chunk's clean latents as soon as it is dispatched (device arrays, not synced)."""
         cfg = self.model.cfg
         key = jax.random.PRNGKey(seed)
-        layout, _ = self.layouts()
+        layout = self.first_layout()
         params = self.params
         cache = init_cache(layout, self.batch, cfg.head_dim, self.cache_dtype)
         d = self.run.dummy
         plan = self.plan
         for c in range(self.run.num_chunks):
-            x0, cache = self._step(layout)(params, text_kv, cache, key, jnp.int32(c))
+            x0, cache = self._run_step(layout, params, text_kv, cache, key, jnp.int32(c))
             yield ChunkResult(c, x0)
             if d is not None and c == d.ar_start and c + 1 < self.run.num_chunks:
                 if plan is None:
@@ -193,6 +205,12 @@ class Generator:
     def score_and_plan(self, params, text_kv, cache, x0, chunk, layout) -> HeadPlan:
         """Scores the refresh forward of `chunk` and solves DHP on the host (one sync per video)."""
         cfg, d = self.model.cfg, self.run.dummy
+        self.scores = self._scores(params, text_kv, cache, x0, chunk, layout)
+        return HeadPlan.from_scores(self.scores, d.dummy_count(cfg.num_layers, cfg.num_heads), normalize=d.normalize,
+                                    local_context_length=d.local_context_length, packed_dummy=d.packed_dummy)
+
+    def _scores(self, params, text_kv, cache, x0, chunk, layout) -> np.ndarray:
+        cfg, d = self.model.cfg, self.run.dummy
         lq = layout.tokens_per_frame * layout.chunk_frames
         sampling = QueryRowSampling(d.query_rows, d.query_fraction)
         per_layer = [sampling.rows(lq, layout.tokens_per_frame, (d.seed, i)) for i in range(cfg.num_layers)]
@@ -200,9 +218,19 @@ class Generator:
         order = hma.score_key_order(layout, chunk)
         fn = jax.jit(functools.partial(_refresh_scores, self.graphdef, layout=layout, order=order, rope=self.rope,
                                        impl=self.run.attn_impl, context_noise=self.run.sampling.context_noise))
-        self.scores = np.asarray(fn(params, text_kv, cache, x0, jnp.int32(chunk), rows))
-        return HeadPlan.from_scores(self.scores, d.dummy_count(cfg.num_layers, cfg.num_heads), normalize=d.normalize,
-                                    local_context_length=d.local_context_length, packed_dummy=d.packed_dummy)
+        return np.asarray(fn(params, text_kv, cache, x0, jnp.int32(chunk), rows))
+
+    def calibration_scores(self, text_kv, seed: int) -> np.ndarray:
+        """Frame attention scores of one prompt: the warm-up chunks up to ar_start, then its scored refresh."""
+        d = self.run.dummy
+        if d is None or d.ar_start >= self.run.num_chunks - 1:
+            raise ValueError("calibration needs Dummy Forcing and a video longer than ar_start + 1 chunks.")
+        layout = self.first_layout()
+        cache = init_cache(layout, self.batch, self.model.cfg.head_dim, self.cache_dtype)
+        key = jax.random.PRNGKey(seed)
+        for c in range(d.ar_start + 1):
+            x0, cache = self._run_step(layout, self.params, text_kv, cache, key, jnp.int32(c))
+        return self._scores(self.params, text_kv, cache, x0, d.ar_start, layout)
 
     def generate(self, context, seed: int = 0) -> jax.Array:
         """All latents [B, F, h, w, C] of one video batch."""

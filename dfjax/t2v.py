@@ -1,0 +1,166 @@
+"""Text in, mp4 out: a model folder's text encoder, DiT and VAE around the AR loop.
+
+Each chunk's latents are decoded by the streaming VAE as soon as the chunk is clean and its frames
+go to a background mp4 writer, so the first frames exist long before the video is done. Compiles
+(DiT steps, VAE decode) are done ahead of time and timed apart from the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dfjax.config import WanConfig, config_from_dict
+from dfjax.dummy import HeadPlan
+from dfjax.model.transformer import WanDiT
+from dfjax.model.vae import WanVAE, WanVAEConfig, decode_chunk, init_decoder_cache
+from dfjax.model_io import ModelFolderError, load_params, read_config
+from dfjax.params import abstract_params, assign_params
+from dfjax.pipeline import Generator, RunConfig
+from dfjax.text import TextEncoder
+from dfjax.video import Mp4Writer, to_uint8
+
+PARTS = ("transformer", "text_encoder", "vae", "tokenizer")
+
+
+def load_transformer(folder, dtype: str | None = None) -> WanDiT:
+    cfg = config_from_dict(WanConfig, read_config(folder)["transformer"])
+    if dtype:
+        cfg = WanConfig(**{**cfg.__dict__, "dtype": dtype})
+    make = lambda: WanDiT(cfg, nnx.Rngs(0))
+    return assign_params(nnx.eval_shape(make), load_params(folder, "transformer", abstract_params(make)))
+
+
+def load_vae(folder) -> WanVAE:
+    cfg = config_from_dict(WanVAEConfig, read_config(folder)["vae"])
+    cfg = WanVAEConfig(**{**cfg.__dict__, "with_encoder": False})  # generation only decodes
+    make = lambda: WanVAE(cfg, rngs=nnx.Rngs(0))
+    flat = load_params(folder, "vae", {k: v for k, v in abstract_params(make).items()})
+    return assign_params(nnx.eval_shape(make), flat)
+
+
+def check_model_folder(folder) -> dict:
+    """Every part that text-to-video needs is there, and the parts fit together; no weights are read."""
+    folder = Path(folder)
+    meta = read_config(folder)
+    missing = [p for p in PARTS if not (folder / p).is_dir() or (p != "tokenizer" and p not in meta)]
+    if missing:
+        raise ModelFolderError(f"{folder} lacks {missing}; convert them into it with `dfjax convert` "
+                               "(--text-encoder, --vae, --tokenizer).")
+    dit, te, vae = meta["transformer"], meta["text_encoder"], meta["vae"]
+    if dit["text_dim"] != te["d_model"]:
+        raise ModelFolderError(f"{folder}: the text encoder gives {te['d_model']}-wide embeddings, the DiT expects "
+                               f"{dit['text_dim']}.")
+    if dit["in_channels"] != vae["z_dim"]:
+        raise ModelFolderError(f"{folder}: the VAE has {vae['z_dim']} latent channels, the DiT {dit['in_channels']}.")
+    return meta
+
+
+@dataclass
+class VideoModel:
+    dit: WanDiT
+    text: TextEncoder
+    vae: WanVAE
+
+    @classmethod
+    def load(cls, folder, dtype: str | None = None) -> "VideoModel":
+        check_model_folder(folder)
+        return cls(load_transformer(folder, dtype), TextEncoder.from_model_folder(folder), load_vae(folder))
+
+
+@dataclass
+class Timing:
+    frames: int
+    text_s: float = 0.0
+    diffusion_s: float = 0.0
+    vae_s: float = 0.0
+    write_s: float = 0.0
+    first_chunk_s: float = 0.0  # from the start of the run to the first decoded frames on the host
+    e2e_s: float = 0.0
+    compile_s: float = 0.0
+    chunk_s: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["diffusion_fps"] = self.frames / self.diffusion_s if self.diffusion_s else None
+        d["e2e_fps"] = self.frames / self.e2e_s if self.e2e_s else None
+        return d
+
+
+class VideoPipeline:
+    """Compiles once per (run config, model) and makes any number of videos."""
+
+    def __init__(self, model: VideoModel, run: RunConfig, plan: HeadPlan | None = None):
+        self.model, self.run = model, run
+        self.generator = Generator(model.dit, run, plan=plan)
+        self.vae_graphdef, self.vae_state = nnx.split(model.vae)
+        h, w = run.video.latent_hw
+        f = model.vae.cfg
+        want = (run.video.height // f.spatial_factor, run.video.width // f.spatial_factor)
+        if want != (h, w):
+            raise ValueError(f"the VAE's {f.spatial_factor}x spatial factor does not match the video's latent size.")
+        self.compile_s = 0.0
+        self._decode = {}
+
+    def _decoder(self, z, cache):
+        """The AOT-compiled decode for the cache's variant (first chunk, later chunks); compile is timed."""
+        if cache.started not in self._decode:
+            t0 = time.perf_counter()
+            self._decode[cache.started] = decode_chunk.lower(self.vae_graphdef, self.vae_state, z, cache).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._decode[cache.started]
+
+    def make_video(self, prompt: str, seed: int, out: str | Path, fps: float, progress: bool = False) -> Timing:
+        run = self.run
+        timing = Timing(frames=run.video.frames)
+        writer = Mp4Writer(out, fps)
+        try:
+            t_start = time.perf_counter()
+            context = self.model.text(prompt if isinstance(prompt, list) else [prompt]).block_until_ready()
+            text_kv = jax.block_until_ready(self.generator.text_kv(context))
+            timing.text_s = time.perf_counter() - t_start
+            h, w = run.video.latent_hw
+            cache = init_decoder_cache(self.model.vae.cfg, 1, h, w)
+            compile_before = self.generator.compile_s + self.compile_s
+            chunks = self.generator.chunks(text_kv, seed)
+            bar = _progress(run.num_chunks, progress)
+            for _ in range(run.num_chunks):
+                t0 = time.perf_counter()
+                c0 = self.generator.compile_s
+                result = next(chunks)
+                x0 = result.latents.block_until_ready()
+                t1 = time.perf_counter()
+                timing.diffusion_s += t1 - t0 - (self.generator.compile_s - c0)
+                c1 = self.compile_s
+                decode = self._decoder(x0, cache)
+                t2 = time.perf_counter()
+                pixels, cache = decode(self.vae_state, x0, cache)
+                frames = to_uint8(pixels[0])
+                t3 = time.perf_counter()
+                timing.vae_s += t3 - t2
+                timing.chunk_s.append(t3 - t0 - (self.compile_s - c1) - (self.generator.compile_s - c0))
+                writer.write(frames)
+                if result.index == 0:
+                    timing.first_chunk_s = time.perf_counter() - t_start - (self.generator.compile_s + self.compile_s
+                                                                            - compile_before)
+                bar.update(1)
+            bar.close()
+            writer.close()
+            timing.compile_s = self.generator.compile_s + self.compile_s - compile_before
+            timing.e2e_s = time.perf_counter() - t_start - timing.compile_s
+            timing.write_s = writer.write_s
+        except BaseException:
+            writer.abort()
+            raise
+        return timing
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="chunk", disable=not enabled, leave=False)

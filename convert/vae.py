@@ -55,8 +55,7 @@ def _submodules(cfg: WanVAEConfig, fmt: str) -> list[tuple[str, str, str]]:
     wan = fmt == "wan"
     R, n = cfg.num_res_blocks, len(cfg.dim_mult)
     out = [("conv2" if wan else "post_quant_conv", "decoder.post_quant_conv", "conv3d")]
-    parts = [("decoder", "up")] + ([("encoder", "down")] if cfg.with_encoder else [])
-    for side, _ in parts:
+    for side in ("decoder", "encoder") if cfg.with_encoder else ("decoder",):
         out.append((f"{side}.conv1" if wan else f"{side}.conv_in", f"{side}.conv_in", "conv3d"))
         mid = f"{side}.middle" if wan else f"{side}.mid_block"
         out += [

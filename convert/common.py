@@ -168,7 +168,10 @@ def apply_key_map(
         if target not in expected:
             unexpected.append(key)
             continue
-        arr = rule.transform(np.asarray(value))
+        try:
+            arr = rule.transform(np.asarray(value))
+        except (ValueError, IndexError) as e:  # e.g. a tensor with the wrong number of dimensions
+            raise ConversionError(f"{source}: key '{key}' of shape {np.shape(value)} cannot be converted: {e}.") from e
         want = tuple(expected[target].shape)
         if tuple(arr.shape) != want:
             raise ConversionError(

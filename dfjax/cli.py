@@ -123,7 +123,7 @@ def model_folder(a) -> Path:
     from dfjax.demo import demo_model_folder, is_trained
 
     folder = demo_model_folder()
-    if not is_trained(folder):
+    if not is_trained(folder) and not getattr(a, "quiet", False):
         print("note: using a random-weight stand-in for the demo model (the trained demo is not installed).",
               file=sys.stderr)
     return folder

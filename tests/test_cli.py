@@ -1,0 +1,89 @@
+"""`dfjax generate` end to end on the demo model, and every bad input: one clear line, exit 2, no file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from dfjax.cli import main
+from dfjax.demo import demo_model_folder
+from dfjax.video import read_mp4_info
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DFJAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+def test_generate_writes_the_asked_video(tmp_path):
+    out = tmp_path / "v.mp4"
+    timing = tmp_path / "t.json"
+    rc = main(["generate", "--prompt", "a red square moves left", "--out", str(out), "--height", "48", "--width", "64",
+               "--frames", "21", "--fps", "12", "--timing-json", str(timing), "--quiet"])
+    assert rc == 0
+    info = read_mp4_info(out)
+    assert info == {"frames": 21, "width": 64, "height": 48, "fps": 12.0}
+    t = json.loads(timing.read_text())[0]
+    assert t["frames"] == 21 and t["e2e_s"] > 0 and t["diffusion_fps"] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".mp4"] == ["v.mp4"]  # no partial file left
+
+
+def test_prompt_file_dummy_forcing_profile_and_resume(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a blue circle bounces", "seed": 3}\n\n{"prompt": "a red square moves left"}\n')
+    out = tmp_path / "videos"
+    profile = tmp_path / "profile.json"
+    args = ["generate", "--prompts", str(prompts), "--out", str(out), "--quiet", "--dummy-forcing"]
+    assert main(args + ["--save-profile", str(profile)]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["00000_seed3.mp4", "00001_seed0.mp4"]
+    stamp = (out / files[0]).stat().st_mtime_ns
+    assert main(args + ["--profile", str(profile)]) == 0  # a rerun skips finished videos
+    assert (out / files[0]).stat().st_mtime_ns == stamp
+    assert json.loads(profile.read_text())["num_dummy"] > 0
+
+
+def _bad_model_folder(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(demo_model_folder(), folder)
+    shutil.rmtree(folder / "tokenizer")
+    return folder
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--height", "50"], "not a multiple of 16x16"),
+    (["--frames", "25"], "not a multiple of the chunk size"),
+    (["--frames", "24"], "frames must be 4*k+1"),
+    (["--negative-prompt", "blurry"], "negative prompt would have no effect"),
+    (["--dummy-forcing", "--num-dummy", "100000"], "out of range"),
+    (["--out", "/nonexistent-dir/x.mp4"], "does not exist"),
+    (["--out", "x.avi"], "must be an .mp4"),
+    ("no-tokenizer", "lacks ['tokenizer']"),
+    ("empty-prompts", "has no prompts"),
+    ("foreign-profile", "profile made for a model with"),
+])
+def test_bad_input_is_one_clear_line_and_leaves_no_file(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--prompt", "a red square", "--out", str(tmp_path / "o.mp4"), "--quiet"]
+    if extra == "no-tokenizer":
+        extra = ["--model", str(_bad_model_folder(tmp_path))]
+    elif extra == "empty-prompts":
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        args = ["generate", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"), "--quiet"]
+        extra = []
+    elif extra == "foreign-profile":
+        from dfjax.dummy import HeadPlan
+
+        HeadPlan.uniform(3, 5).save(tmp_path / "foreign.json")
+        extra = ["--profile", str(tmp_path / "foreign.json")]
+    before = set(p.name for p in tmp_path.rglob("*"))
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dfjax: error:") and message in err[0], err
+    assert not list(tmp_path.rglob("*.mp4"))
+    assert set(p.name for p in tmp_path.rglob("*")) <= before | {"o"}

@@ -1,16 +1,20 @@
 """Attention kernel benchmark: every impl checked against the reference, then timed.
 
-    python3 benchmarks/kernels.py            # on the GPU: the model's real shapes
+    python3 benchmarks/kernels.py            # on the GPU: every impl at the model's real shapes
+    python3 benchmarks/kernels.py --sweep    # on the GPU: Triton tilings of the pallas kernel
     python3 benchmarks/kernels.py --smoke    # anywhere: tiny shapes, pallas in interpret mode
 
 Cases (B=1, D=128, 12 heads, bf16 unless named): "paf" = Dummy Forcing's two head groups,
 sink+dummy heads over 4 latent frames and neighbour heads over 6, for a chunk of 3 frames;
 "dense" = the Self Forcing baseline over its 21-frame cache filled to kv frames (3 at the first
-chunk, 12 on average over a video, 21 at the last). Pallas block configs are swept on the 480P
-cases first; the fastest then runs everywhere. FLOPs per call: 4 * B * Lq * sum_g H_g * kv_g * D.
-Timing: inputs rotate over 3 sets (K/V of a layer are about L2-sized), 2 warm-up calls, then the
-median over 5 repeats of the mean of 10 back-to-back calls, synchronised with block_until_ready.
-Writes kernels-<device>-<date>.json to $OUT (if set) and to benchmarks/results/.
+chunk, 12 on average over a video, 21 at the last). FLOPs per call: 4 * B * Lq * sum_g H_g *
+kv_g * D. Correctness: max |out - ref| / max |ref| over the first 128 and the last 200 query
+rows (the ragged tail), the reference computed on the CPU once per case (it is exact per row, so
+a row subset keeps it cheap at any size). Timing: inputs rotate over 3 sets (K/V of a layer are
+about L2-sized), 2 warm-up calls, then the median over 5 repeats of the mean of 10 back-to-back
+calls, synchronised with block_until_ready.
+Writes kernels-<device>-<date>.json (or kernels-sweep-...) to $OUT (if set) and to
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -36,13 +40,10 @@ from kernels import paf_gpu  # noqa: E402
 
 D, HEADS, CHUNK_FRAMES = 128, 12, 3
 TOKENS_PER_FRAME = {"480p": 1560, "720p": 3600, "1080p": 8160}
-CONFIGS = (  # Triton tilings to sweep: (block_q, block_k, num_warps, num_stages)
-    paf_gpu.BlockSizes(128, 64, 4, 3),
-    paf_gpu.BlockSizes(128, 64, 8, 3),
-    paf_gpu.BlockSizes(128, 128, 8, 3),
-    paf_gpu.BlockSizes(128, 128, 8, 2),
-    paf_gpu.BlockSizes(64, 64, 4, 3),
-)
+SWEEP_CONFIGS = tuple(  # Triton tilings: (block_q, block_k, num_warps, num_stages)
+    paf_gpu.BlockSizes(*c) for c in [
+        (128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4),
+        (128, 32, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)])
 TOL = {"bfloat16": 2e-2, "float32": 1e-4}  # vs the float32 reference; bf16 rounds p and out
 
 
@@ -71,23 +72,22 @@ def dense_case(res: str, kv_frames: int, frame: int | None = None) -> Case:
     return Case(f"dense-{res}-kv{kv_frames}f", CHUNK_FRAMES * f, ((HEADS, 21 * f, kv_frames * f),))
 
 
-def cases(smoke: bool) -> tuple[list[Case], list[Case]]:
-    """(sweep cases, all cases)."""
-    if smoke:
-        sweep = [paf_case("480p", 6, frame=20), dense_case("480p", 21, frame=20)]
-        return sweep, sweep + [paf_case("480p", 6, "float32", frame=20)]
-    sweep = [paf_case("480p", 6), dense_case("480p", 21)]
-    rest = [paf_case("480p", 9), paf_case("480p", 6, "float32"),
-            dense_case("480p", 3), dense_case("480p", 12),
-            paf_case("720p", 6), dense_case("720p", 12), dense_case("720p", 21),
-            paf_case("1080p", 6), dense_case("1080p", 21)]
-    return sweep, sweep + rest
+def cases(mode: str) -> list[Case]:
+    if mode == "smoke":
+        return [paf_case("480p", 6, frame=20), dense_case("480p", 21, frame=20),
+                paf_case("480p", 6, "float32", frame=20)]
+    if mode == "sweep":
+        return [paf_case("480p", 6), paf_case("720p", 6), paf_case("1080p", 6),
+                dense_case("480p", 21), dense_case("1080p", 21)]
+    return [paf_case("480p", 6), dense_case("480p", 21), dense_case("480p", 12),
+            dense_case("480p", 3), paf_case("480p", 9), paf_case("480p", 2),
+            paf_case("720p", 6), dense_case("720p", 21), dense_case("720p", 12),
+            paf_case("1080p", 6), dense_case("1080p", 21), paf_case("480p", 6, "float32")]
 
 
 def make_inputs(case: Case, seed: int):
-    key = jax.random.key(seed)
     dtype = jnp.dtype(case.dtype)
-    kq, *kk = jax.random.split(key, 1 + 2 * len(case.groups))
+    kq, *kk = jax.random.split(jax.random.key(seed), 1 + 2 * len(case.groups))
     q = jax.random.normal(kq, (1, case.lq, sum(h for h, _, _ in case.groups), D), dtype)
     kvs = tuple(jax.random.normal(kk[i], (1, lk, h, D), dtype)
                 for g, (h, lk, _) in enumerate(case.groups) for i in (2 * g, 2 * g + 1))
@@ -95,37 +95,42 @@ def make_inputs(case: Case, seed: int):
     return q, kvs, lens
 
 
+def groups_of(case: Case, kvs, lens):
+    """The (k, v, kv_len) groups of a case; kv_len stays a traced argument, as in the model."""
+    return tuple((kvs[2 * g], kvs[2 * g + 1], None if n is None else lens[g])
+                 for g, (_, _, n) in enumerate(case.groups))
+
+
 def build(case: Case, impl: str, config: paf_gpu.BlockSizes | None, interpret: bool):
-    """A jitted fn(q, kvs, lens); kv_len stays a traced argument, as in the model."""
-    dynamic = tuple(n is not None for _, _, n in case.groups)
-
-    def groups_of(kvs, lens):
-        return tuple((kvs[2 * g], kvs[2 * g + 1], lens[g] if dynamic[g] else None)
-                     for g in range(len(lens)))
-
+    """A jitted fn(q, kvs, lens): the dispatcher's impl, or the pallas kernel at a tiling."""
     if config is None:
-        fn = lambda q, kvs, lens: attn.grouped_attention(q, groups_of(kvs, lens), impl=impl,
-                                                         interpret=interpret)
-    else:
-        def fn(q, kvs, lens):
-            groups = groups_of(kvs, lens)
-            return paf_gpu.paf_attention(q, kvs[0::2], kvs[1::2], attn._kv_lens(groups),
-                                         block_sizes=config, interpret=interpret)
-    return jax.jit(fn), groups_of
+        return jax.jit(lambda q, kvs, lens: attn.grouped_attention(
+            q, groups_of(case, kvs, lens), impl=impl, interpret=interpret))
+
+    def fn(q, kvs, lens):
+        lengths = attn._kv_lens(groups_of(case, kvs, lens))
+        return paf_gpu.paf_attention(q, kvs[0::2], kvs[1::2], lengths, block_sizes=config,
+                                     interpret=interpret)
+    return jax.jit(fn)
 
 
-def check(case: Case, fn, groups_of, inputs) -> float:
-    """max |out - ref| / max |ref| on the first 128 and last 200 query rows (the ragged tail);
-    the reference is exact per row, so a row subset keeps it cheap at any size."""
-    q, kvs, lens = inputs
-    out = fn(q, kvs, lens)
+def check_rows(lq: int) -> np.ndarray:
+    return np.unique(np.concatenate([np.arange(min(128, lq)), np.arange(max(0, lq - 200), lq)]))
+
+
+def reference_rows(case: Case, inputs) -> np.ndarray:
+    """The reference output at check_rows, computed on the CPU in float32."""
+    cpu = jax.devices("cpu")[0]
+    q, kvs, lens = jax.device_put(inputs, cpu)
+    q = q[:, check_rows(case.lq)]
+    return np.asarray(attn.reference_attention(q, groups_of(case, kvs, lens)), np.float32)
+
+
+def max_rel_err(case: Case, out, ref: np.ndarray) -> float:
     if not bool(jnp.isfinite(out).all()):
         return float("inf")
-    rows = np.unique(np.concatenate([np.arange(min(128, case.lq)),
-                                     np.arange(max(0, case.lq - 200), case.lq)]))
-    ref = attn.reference_attention(q[:, rows], groups_of(kvs, lens)).astype(jnp.float32)
-    err = jnp.abs(out[:, rows].astype(jnp.float32) - ref).max() / jnp.abs(ref).max()
-    return float(err)
+    got = np.asarray(out[:, check_rows(case.lq)].astype(jnp.float32))
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 def timeit(fn, input_sets, reps: int = 5, calls: int = 10) -> float:
@@ -142,23 +147,22 @@ def timeit(fn, input_sets, reps: int = 5, calls: int = 10) -> float:
     return float(np.median(times))
 
 
-def run_one(case: Case, impl: str, config, input_sets, interpret: bool, smoke: bool) -> dict:
+def run_one(case: Case, impl: str, config, input_sets, ref, interpret: bool, smoke: bool) -> dict:
     label = impl if config is None else f"pallas{_config_name(config)}"
     rec = {"case": case.name, "impl": label, "dtype": case.dtype, "lq": case.lq,
            "groups": [list(g) for g in case.groups], "gflop": case.flops / 1e9}
     try:
         t0 = time.perf_counter()
-        fn, groups_of = build(case, impl, config, interpret)
-        rec["max_rel_err"] = check(case, fn, groups_of, input_sets[0])
+        fn = build(case, impl, config, interpret)
+        rec["max_rel_err"] = max_rel_err(case, fn(*input_sets[0]), ref)
         rec["compile_and_check_s"] = round(time.perf_counter() - t0, 2)
         rec["ok"] = rec["max_rel_err"] <= TOL[case.dtype]
-        sets = input_sets[:1] if smoke else input_sets
-        rec["ms"] = timeit(fn, sets, reps=1, calls=1) if smoke else timeit(fn, sets)
+        rec["ms"] = timeit(fn, input_sets[:1], 1, 1) if smoke else timeit(fn, input_sets)
         rec["tflops"] = case.flops / (rec["ms"] * 1e-3) / 1e12
     except Exception as e:  # one failing impl must not cost the rest of the run
         rec["ok"], rec["error"] = False, f"{type(e).__name__}: {str(e)[:600]}"
         traceback.print_exc(limit=3)
-    print(f"{case.name:26s} {label:22s} "
+    print(f"{case.name:22s} {label:22s} "
           + (f"{rec['ms']:9.3f} ms {rec['tflops']:7.1f} TFLOP/s  err {rec['max_rel_err']:.1e}"
              if "ms" in rec else f"FAILED {rec.get('error', '')[:200]}"), flush=True)
     return rec
@@ -170,41 +174,29 @@ def _config_name(c: paf_gpu.BlockSizes) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="time the pallas kernel's tilings")
+    mode.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode")
     args = parser.parse_args()
+    mode = "sweep" if args.sweep else "smoke" if args.smoke else "impls"
     on_gpu = jax.default_backend() == "gpu"
-    interpret = not on_gpu
-    sweep, all_cases = cases(args.smoke)
     runs = []
-
-    # 1. Sweep the Triton tilings on the 480P cases; keep the fastest (summed time).
-    total = {}
-    for case in sweep:
-        input_sets = [make_inputs(case, s) for s in range(3)]
-        for config in CONFIGS:
-            rec = run_one(case, "pallas", config, input_sets, interpret, args.smoke)
-            runs.append(rec)
-            total[config] = total.get(config, 0.0) + (rec["ms"] if rec["ok"] else float("inf"))
-        del input_sets
-    best = min(CONFIGS, key=lambda c: total[c])
-    print(f"fastest tiling: {_config_name(best)} (default {_config_name(paf_gpu.BlockSizes())})")
-
-    # 2. Every case: pallas at the fastest tiling (and at the default one, if that differs),
-    # cuDNN where it applies, and the XLA reference where its float32 scores fit (480P).
-    for case in all_cases:
-        input_sets = [make_inputs(case, s) for s in range(3)]
-        impls = [("pallas", None)]  # the dispatcher's tiling (float32 has its own)
-        if case.dtype != "float32" and best != paf_gpu.BlockSizes():
-            impls.insert(0, ("pallas", best))
-        if on_gpu and case.dtype != "float32":
-            impls.append(("cudnn", None))
-        if case.name.startswith(("paf-480p", "dense-480p")) and case.dtype != "float32":
-            impls.append(("xla", None))
+    for case in cases(mode):
+        input_sets = [make_inputs(case, seed) for seed in range(3)]
+        ref = reference_rows(case, input_sets[0])
+        if mode == "sweep":
+            impls = [("pallas", c) for c in SWEEP_CONFIGS] + [("cudnn", None)]
+        else:  # pallas through the dispatcher, cuDNN where it applies, XLA where it fits
+            impls = [("pallas", None)]
+            if on_gpu and case.dtype != "float32":
+                impls.append(("cudnn", None))
+            if case.name.startswith("paf-480p") or case.name == "dense-480p-kv21f":
+                impls.append(("xla", None))
         for impl, config in impls:
-            runs.append(run_one(case, impl, config, input_sets, interpret, args.smoke))
-            write(runs, {}, best, args.smoke)  # partial results survive a timeout
+            runs.append(run_one(case, impl, config, input_sets, ref, not on_gpu, args.smoke))
+            write(runs, {}, mode)  # partial results survive a timeout
         del input_sets
-    write(runs, summarize(runs), best, args.smoke)
+    write(runs, summarize(runs), mode)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -221,32 +213,29 @@ def summarize(runs: list[dict]) -> dict:
         pallas, cudnn = fastest.get((paf, "pallas")), fastest.get((paf, "cudnn"))
         if pallas and cudnn:
             out[f"{res}_paf_pallas_over_cudnn_time"] = pallas["ms"] / cudnn["ms"]
-        best_paf = min((r for (c, _), r in fastest.items() if c == paf), key=lambda r: r["ms"],
-                       default=None)
-        best_dense = min((r for (c, _), r in fastest.items() if c == dense),
-                         key=lambda r: r["ms"], default=None)
-        if best_paf and best_dense:
-            speedup = best_dense["ms"] / best_paf["ms"]
-            flop_ratio = best_dense["gflop"] / best_paf["gflop"]
-            out[f"{res}_paf_speedup_over_dense"] = speedup
-            out[f"{res}_dense_over_paf_flops"] = flop_ratio
-            out[f"{res}_speedup_over_0.8x_flop_ratio"] = speedup / (0.8 * flop_ratio)
+        for impl in ("pallas", "cudnn"):
+            p, d = fastest.get((paf, impl)), fastest.get((dense, impl))
+            if p and d:
+                speedup, flop_ratio = d["ms"] / p["ms"], d["gflop"] / p["gflop"]
+                out[f"{res}_{impl}_paf_speedup_over_dense"] = speedup
+                out[f"{res}_{impl}_speedup_over_0.8x_flop_ratio"] = speedup / (0.8 * flop_ratio)
     for k, v in out.items():
         print(f"{k:45s} {v:.3f}")
     return out
 
 
-def write(runs: list[dict], summary: dict, best: paf_gpu.BlockSizes, smoke: bool):
+def write(runs: list[dict], summary: dict, mode: str):
     dev = jax.devices()[0]
     kind = dev.device_kind.lower()
     slug = next((s for s in ("h100", "h200", "a100", "b200") if s in kind), dev.platform)
     date = datetime.date.today().isoformat()
-    commit = os.environ.get("GIT_COMMIT") or _git_commit()
     record = {"device": dev.device_kind, "num_devices": jax.device_count(),
-              "jax_version": jax.__version__, "date": date, "git_commit": commit,
-              "fastest_tiling": dataclasses.asdict(best), "summary": summary, "runs": runs}
-    name = f"kernels-{slug}-{date}.json"
-    dirs = [] if smoke else [Path(__file__).resolve().parent / "results"]
+              "jax_version": jax.__version__, "date": date,
+              "git_commit": os.environ.get("GIT_COMMIT") or _git_commit(), "mode": mode,
+              "default_tiling": dataclasses.asdict(paf_gpu.BlockSizes()), "summary": summary,
+              "runs": runs}
+    name = f"kernels-{'sweep-' if mode == 'sweep' else ''}{slug}-{date}.json"
+    dirs = [] if mode == "smoke" else [Path(__file__).resolve().parent / "results"]
     if os.environ.get("OUT"):
         dirs.append(Path(os.environ["OUT"]))
     for d in dirs:

@@ -1,0 +1,260 @@
+"""`dfjax bench`: speed of the real model shapes with random weights, on the current device.
+
+For each (resolution, mode) a fresh subprocess (so the device's peak memory is that run's) builds
+the 1.3B DiT, the UMT5-XXL encoder and the Wan2.1 VAE with random weights, compiles, warms up and
+times several videos (median and spread): diffusion alone (one sync per video), and end to end
+(text encoding + every chunk + its streaming VAE decode, frames pulled to the host). The attention
+share of diffusion is timed apart by running each layer's attention at every chunk's shapes.
+Prints a table and writes JSON under benchmarks/results/.
+
+    dfjax bench                               # 480p and 720p, all modes, 81 frames
+    dfjax bench --resolutions 480p --modes baseline dummy --runs 5
+    dfjax bench --tiny                        # a CPU-sized smoke run (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("baseline", "dummy", "local")
+
+
+def _run_config(mode, resolution, frames, tiny, attn_impl):
+    from dfjax.config import RESOLUTIONS, CacheConfig, DummyForcingConfig, SamplingConfig, VideoShape
+    from dfjax.pipeline import RunConfig
+
+    h, w = (64, 96) if tiny else RESOLUTIONS[resolution]
+    cache = CacheConfig.longlive() if mode == "local" else CacheConfig()
+    dummy = DummyForcingConfig() if mode == "dummy" else None
+    return RunConfig(video=VideoShape(h, w, frames), sampling=SamplingConfig(), cache=cache, dummy=dummy,
+                     attn_impl=attn_impl)
+
+
+def _random_models(tiny: bool):
+    """DiT, UMT5 encoder and VAE with random weights, initialised inside jit (one compile each)."""
+    import jax
+    from flax import nnx
+
+    from dfjax.config import WanConfig
+    from dfjax.model.text_encoder import UMT5Config, UMT5Encoder
+    from dfjax.model.transformer import WanDiT
+    from dfjax.model.vae import WanVAE, WanVAEConfig
+
+    if tiny:
+        cfgs = (WanConfig.tiny(in_channels=16, out_channels=16), UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False))
+    else:
+        cfgs = (WanConfig.wan_1_3b(), UMT5Config.xxl(), WanVAEConfig.wan21(with_encoder=False))
+    makers = (lambda: WanDiT(cfgs[0], nnx.Rngs(0)), lambda: UMT5Encoder(cfgs[1], nnx.Rngs(1)),
+              lambda: WanVAE(cfgs[2], rngs=nnx.Rngs(2)))
+    out = []
+    for make in makers:
+        graphdef, _ = nnx.split(nnx.eval_shape(make))
+        state = jax.jit(lambda: nnx.split(make())[1])()
+        out.append(nnx.merge(graphdef, state))
+    return out
+
+
+def _timed(fn, runs):
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _attention_seconds(gen, run, runs):
+    """Time of every self-attention call of one video at its real shapes (the DiT's attention share)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dfjax import hma
+    from dfjax.cache import init_cache
+    from kernels.attention import grouped_attention
+
+    cfg = gen.model.cfg
+    layout = gen.first_layout()
+    plan_layout = None
+    if run.dummy is not None and gen.last_plan is not None:
+        plan_layout = hma.plan_layout(gen.last_plan, layout.tokens_per_frame, layout.chunk_frames)
+    tpf, cf = layout.tokens_per_frame, layout.chunk_frames
+    lq = tpf * cf
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, lq, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+    forwards = len(run.sampling.denoising_steps) + 1
+    total = 0.0
+    for c in range(run.num_chunks):
+        lay = plan_layout if (plan_layout is not None and c > run.dummy.ar_start) else layout
+        shapes = {}
+        for layer in lay.layers:  # identical layers share one timing
+            shapes[layer] = shapes.get(layer, 0) + 1
+        for layer, count in shapes.items():
+            cache = init_cache(type(lay)((layer,), tpf, cf), 1, cfg.head_dim, jnp.bfloat16)[0]
+            cache = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype), cache)
+            end = (c + 1) * cf
+            lens = [jnp.int32(g.valid_frames(end) * tpf) for g in layer]
+            fn = jax.jit(lambda q, cache, lens: grouped_attention(
+                q, tuple((k, v, n) for (k, v), n in zip(cache, lens)), impl=run.attn_impl))
+            jax.block_until_ready(fn(q, cache, lens))
+            t = statistics.median(_timed(lambda: jax.block_until_ready(fn(q, cache, lens)), max(runs, 3)))
+            total += t * count * forwards
+    return total
+
+
+def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from dfjax import hma
+    from dfjax.cache import init_cache
+    from dfjax.hma import cache_nbytes
+    from dfjax.model.vae import decode_chunk, init_decoder_cache
+    from dfjax.pipeline import Generator
+
+    run = _run_config(mode, resolution, frames, tiny, attn_impl)
+    dit, t5, vae = _random_models(tiny)
+    gen = Generator(dit, run)
+    t5_graph, t5_state = nnx.split(t5)
+    encode = jax.jit(lambda s, ids, mask: nnx.merge(t5_graph, s)(ids, mask))
+    ids = jax.random.randint(jax.random.PRNGKey(3), (1, t5.cfg.text_len), 2, t5.cfg.vocab_size, jnp.int32)
+    mask = jnp.ones_like(ids).at[:, 40:].set(0)  # a prompt of 40 tokens
+    vae_graph, vae_state = nnx.split(vae)
+    h, w = run.video.latent_hw
+
+    def text():
+        return gen.text_kv(encode(t5_state, ids, mask))
+
+    def diffusion(text_kv):
+        last = None
+        for r in gen.chunks(text_kv, seed=0):
+            last = r.latents
+        return jax.block_until_ready(last)
+
+    first = {}
+
+    def e2e():
+        t0 = time.perf_counter()
+        kv = text()
+        cache = init_decoder_cache(vae.cfg, 1, h, w)
+        for r in gen.chunks(kv, seed=0):
+            pixels, cache = decode_chunk(vae_graph, vae_state, r.latents, cache)
+            frames_u8 = np.asarray(jnp.clip((pixels[0] + 1) * 127.5, 0, 255).astype(jnp.uint8))
+            if r.index == 0:
+                first["s"] = time.perf_counter() - t0
+        return frames_u8
+
+    t0 = time.perf_counter()
+    kv = jax.block_until_ready(text())
+    compile_text = time.perf_counter() - t0
+    diffusion(kv)  # compiles every step (timed by the generator)
+    compile_s = gen.compile_s
+    t0 = time.perf_counter()
+    e2e()  # compiles the VAE variants
+    compile_vae = time.perf_counter() - t0
+    text_times = _timed(lambda: jax.block_until_ready(text()), runs)
+    diff_times = _timed(lambda: diffusion(kv), runs)
+    e2e_times, first_times = [], []
+    for _ in range(runs):
+        e2e_times += _timed(e2e, 1)
+        first_times.append(first["s"])
+    stats = jax.devices()[0].memory_stats() or {}
+    attn_s = _attention_seconds(gen, run, runs)
+    cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(gen.first_layout(), 1, dit.cfg.head_dim,
+                                                                 jnp.bfloat16)))
+    if gen.last_plan is not None:  # after the plan: the per-head-type caches
+        lay = hma.plan_layout(gen.last_plan, gen.first_layout().tokens_per_frame, run.sampling.chunk_frames)
+        cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(lay, 1, dit.cfg.head_dim, jnp.bfloat16)))
+    med = statistics.median
+    n = run.video.frames
+    return {
+        "mode": mode, "resolution": resolution if not tiny else "tiny", "frames": n, "attn_impl": attn_impl,
+        "runs_timed": runs,
+        "diffusion_s": med(diff_times), "diffusion_s_all": diff_times, "diffusion_fps": n / med(diff_times),
+        "e2e_s": med(e2e_times), "e2e_s_all": e2e_times, "e2e_fps": n / med(e2e_times),
+        "text_s": med(text_times), "first_chunk_s": med(first_times),
+        "attention_s": attn_s, "vae_and_other_s": med(e2e_times) - med(diff_times) - med(text_times),
+        "compile_s": compile_s, "compile_text_s": compile_text, "compile_vae_s": compile_vae,
+        "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "kv_cache_bytes": cache_bytes,
+        "num_dummy": None if gen.last_plan is None else gen.last_plan.num_dummy,
+    }
+
+
+def environment() -> dict:
+    import jax
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except Exception:
+        commit = os.environ.get("DFJAX_COMMIT", "unknown")
+    import flax
+
+    return {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax_version": jax.__version__,
+            "flax_version": flax.__version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(), "git_commit": commit}
+
+
+def print_table(runs: list[dict]) -> None:
+    head = f"{'mode':9s} {'res':6s} {'diff s':>7s} {'diff FPS':>8s} {'e2e s':>7s} {'e2e FPS':>7s} " \
+           f"{'1st chunk':>9s} {'attn s':>7s} {'compile':>7s} {'peak GiB':>8s}"
+    print(head)
+    for r in runs:
+        print(f"{r['mode']:9s} {r['resolution']:6s} {r['diffusion_s']:7.3f} {r['diffusion_fps']:8.2f} {r['e2e_s']:7.3f} "
+              f"{r['e2e_fps']:7.2f} {r['first_chunk_s']:9.3f} {r['attention_s']:7.3f} {r['compile_s']:7.1f} "
+              f"{r['peak_mem_gib']:8.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dfjax bench")
+    p.add_argument("--resolutions", nargs="+", default=["480p", "720p"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--tiny", action="store_true", help="tiny models at 64x96 (CPU smoke run)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    p.add_argument("--one", nargs=2, metavar=("MODE", "RES"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        print("RESULT " + json.dumps(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl)), flush=True)
+        return 0
+    results = []
+    for res in (["tiny"] if a.tiny else a.resolutions):
+        for mode in a.modes:
+            cmd = [sys.executable, "-m", "dfjax.bench", "--one", mode, res, "--frames", str(a.frames), "--runs",
+                   str(a.runs), "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{mode} {res}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+                results.append({"mode": mode, "resolution": res, "frames": a.frames, "error": proc.stderr[-2000:]})
+                continue
+            results.append(json.loads(line[0][len("RESULT "):]))
+            print_table([results[-1]])
+    env = environment()
+    doc = {**env, "runs": results}
+    out = Path(a.out) if a.out else Path("benchmarks/results") / (
+        f"{env['device'].replace(' ', '_')}-{env['date']}" + ("-tiny" if a.tiny else "") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    print()
+    print(f"{env['device']} x{env['num_devices']}, jax {env['jax_version']}, {env['date']}, commit {env['git_commit']}")
+    print_table([r for r in results if "error" not in r])
+    print(f"wrote {out}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

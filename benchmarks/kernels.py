@@ -190,7 +190,7 @@ def main():
             impls = [("pallas", None)]
             if on_gpu and case.dtype != "float32":
                 impls.append(("cudnn", None))
-            if case.name.startswith("paf-480p") or case.name == "dense-480p-kv21f":
+            if case.name in ("paf-480p-6/6", "dense-480p-kv21f"):
                 impls.append(("xla", None))
         for impl, config in impls:
             runs.append(run_one(case, impl, config, input_sets, ref, not on_gpu, args.smoke))

@@ -26,10 +26,15 @@ from jax.experimental.pallas import triton as plgpu
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes and Triton launch parameters (powers of two; Triton needs them)."""
+    """Tile sizes and Triton launch parameters (powers of two; Triton needs them).
+
+    The default was the fastest or near it for PAF at 480P/720P/1080P among ten tilings on an
+    H100 (benchmarks/results/kernels-sweep-h100-2026-11-25.json); (128, 64, 8, 3) is faster
+    for the dense 480P cache (370 vs 300 TFLOP/s), (128, 64, 4, 2) for the 1080P shapes.
+    """
     block_q: int = 128
-    block_k: int = 64
-    num_warps: int = 4
+    block_k: int = 128
+    num_warps: int = 8
     num_stages: int = 3
 
 
@@ -66,8 +71,15 @@ def paf_attention(q: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, 
         spec = pl.BlockSpec((None, lk, None, d),
                             functools.partial(_kv_index_map, layout=layout, g=g))
         kv_specs += [spec, spec]
+    precision = None
+    if q.dtype == jnp.float32:
+        # Triton's default float32 dot is one tf32 pass (~3e-4 error) and its IEEE dot runs on
+        # the FMA units at ~1 TFLOP/s; three tf32 passes are float32-accurate on tensor cores.
+        # The CPU interpreter has no tf32 and is exact at HIGHEST.
+        precision = (lax.Precision.HIGHEST if interpret
+                     else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
     kernel = functools.partial(_kernel, layout=layout, lq=lq, block_k=bk,
-                               scale=1.0 / math.sqrt(d))
+                               scale=1.0 / math.sqrt(d), precision=precision)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(lq, bq), h, b),
@@ -105,7 +117,8 @@ def _kv_index_map(i, p, bb, *, layout: _HeadLayout, g: int):
     return bb, 0, local, 0
 
 
-def _kernel(lens_ref, q_ref, *refs, layout: _HeadLayout, lq: int, block_k: int, scale: float):
+def _kernel(lens_ref, q_ref, *refs, layout: _HeadLayout, lq: int, block_k: int, scale: float,
+            precision):
     o_ref = refs[-1]
     bq = q_ref.shape[0]
     p = pl.program_id(1)
@@ -116,16 +129,15 @@ def _kernel(lens_ref, q_ref, *refs, layout: _HeadLayout, lq: int, block_k: int, 
 
         @pl.when(layout.owns(g, p))
         def _(k_ref=k_ref, v_ref=v_ref, g=g):
-            out = _attend(q, k_ref, v_ref, lens_ref[g], block_k=block_k, scale=scale)
+            out = _attend(q, k_ref, v_ref, lens_ref[g], block_k=block_k, scale=scale,
+                          precision=precision)
             plgpu.store(o_ref, out.astype(o_ref.dtype), mask=rows_ok)
 
 
-def _attend(q, k_ref, v_ref, kv_len, *, block_k: int, scale: float):
+def _attend(q, k_ref, v_ref, kv_len, *, block_k: int, scale: float, precision):
     """Online softmax of q [bq, D] over the first kv_len rows of k_ref, v_ref [Lk, D]."""
     bq, d = q.shape
     qk_scale = scale * math.log2(math.e)  # exp2 is the fast path; fold log2(e) into the scale
-    # Triton's default for float32 dots is tf32; HIGHEST makes float32 inputs exact (IEEE).
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def step(j, carry, masked: bool):
         acc, m, l = carry

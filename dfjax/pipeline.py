@@ -25,12 +25,13 @@ import numpy as np
 from flax import nnx
 
 from dfjax import hma
-from dfjax.cache import AttentionLayout, init_cache
+from dfjax.cache import AttentionLayout
 from dfjax.config import CacheConfig, DummyForcingConfig, SamplingConfig, VideoShape, dtype_of
 from dfjax.dummy import HeadPlan, QueryRowSampling
 from dfjax.model.rope import rope_tables
 from dfjax.model.transformer import WanDiT
 from dfjax.sampling import schedule_arrays
+from dfjax.sharding import Placement, Rules
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,17 @@ class Generator:
     trace_counts: dict = field(default_factory=dict)  # step name -> times traced (tests check reuse)
     last_plan: HeadPlan | None = None  # the plan the last Dummy Forcing video used
     scores: np.ndarray | None = None  # the last online frame attention scores [layers, heads, 3]
+    # A (data, tensor) jax Mesh (dfjax.sharding.MeshConfig): params, caches and steps are sharded over
+    # it, and Dummy Forcing plans rounded to split over `tensor` (sharding.shardable_plan). None: one device.
+    mesh: jax.sharding.Mesh | None = None
+    rules: Rules | None = None  # logical -> mesh axis rules (default: dfjax.sharding.DEFAULT_RULES)
 
     def __post_init__(self):
         cfg = self.model.cfg
         self.graphdef, self.params = nnx.split(self.model)
+        self.placement = Placement(self.mesh, cfg, self.batch, self.rules)
+        self.params = self.placement.put_params(self.params)
+        self.attn_impl = self.placement.attn_impl(self.run.attn_impl, cfg.dtype)
         self.rope = rope_tables(cfg.head_dim, cfg.rope_max_pos, cfg.rope_theta)
         self.schedule = schedule_arrays(self.run.sampling)
         h, w = self.run.video.latent_hw
@@ -138,7 +146,9 @@ class Generator:
             d.dummy_count(cfg.num_layers, cfg.num_heads)  # range check before any work
             if self.plan is not None:
                 self.plan.validate(cfg.num_layers, cfg.num_heads)
-        self._text_kv = jax.jit(lambda params, ctx: nnx.merge(self.graphdef, params).text_kv(ctx))
+                self.plan = self.placement.adjust_plan(self.plan)
+        self._text_kv = self.placement.jit(lambda params, ctx: nnx.merge(self.graphdef, params).text_kv(ctx),
+                                           out_shardings=self.placement.text_kv_shardings)
         self._steps = {}
         self._compiled = {}
         self.compile_s = 0.0  # seconds spent compiling steps (ahead of time, outside the timed runs)
@@ -152,9 +162,11 @@ class Generator:
                 self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
                 return _chunk_step(self.graphdef, *args, **kw)
 
-            self._steps[layout] = jax.jit(
+            shardings = lambda: self.placement.step_shardings(self.params, layout, self.shape)
+            self._steps[layout] = self.placement.jit(
                 functools.partial(step, layout=layout, shape=self.shape, schedule=self.schedule, rope=self.rope,
-                                  impl=self.run.attn_impl),
+                                  impl=self.attn_impl),
+                in_shardings=lambda: shardings()[0], out_shardings=lambda: shardings()[1],
                 donate_argnames=("cache",),
             )
         return self._steps[layout]
@@ -169,7 +181,7 @@ class Generator:
 
     def text_kv(self, context):
         """Cross-attention K/V of a text context [B, Lt, text_dim]; compute once per prompt batch."""
-        return self._text_kv(self.params, context)
+        return self._text_kv(self.params, self.placement.put_context(context))
 
     def first_layout(self) -> AttentionLayout:
         """The layout of chunk 0: the base layout, or Dummy Forcing's warm-up layout."""
@@ -185,7 +197,7 @@ class Generator:
         key = jax.random.PRNGKey(seed)
         layout = self.first_layout()
         params = self.params
-        cache = init_cache(layout, self.batch, cfg.head_dim, self.cache_dtype)
+        cache = self.placement.init_cache(layout, self.cache_dtype)
         d = self.run.dummy
         plan = self.plan
         for c in range(self.run.num_chunks):
@@ -196,18 +208,22 @@ class Generator:
                     plan = self.score_and_plan(params, text_kv, cache, x0, c, layout)
                 self.last_plan = plan
                 layout_b = hma.plan_layout(plan, layout.tokens_per_frame, layout.chunk_frames)
-                cache = jax.jit(hma.transition_cache, static_argnums=(1, 2, 3, 4))(cache, layout, layout_b, plan, c)
+                transition = self.placement.jit(hma.transition_cache, static_argnums=(1, 2, 3, 4),
+                                                out_shardings=lambda: self.placement.cache_shardings(layout_b))
+                cache = transition(cache, layout, layout_b, plan, c)
                 model = nnx.merge(self.graphdef, params, copy=True)  # keep self.params unpermuted
                 hma.permute_heads(model, plan)
                 _, params = nnx.split(model)
+                params = self.placement.put_params(params)
                 layout = layout_b
 
     def score_and_plan(self, params, text_kv, cache, x0, chunk, layout) -> HeadPlan:
         """Scores the refresh forward of `chunk` and solves DHP on the host (one sync per video)."""
         cfg, d = self.model.cfg, self.run.dummy
         self.scores = self._scores(params, text_kv, cache, x0, chunk, layout)
-        return HeadPlan.from_scores(self.scores, d.dummy_count(cfg.num_layers, cfg.num_heads), normalize=d.normalize,
+        plan = HeadPlan.from_scores(self.scores, d.dummy_count(cfg.num_layers, cfg.num_heads), normalize=d.normalize,
                                     local_context_length=d.local_context_length, packed_dummy=d.packed_dummy)
+        return self.placement.adjust_plan(plan)
 
     def _scores(self, params, text_kv, cache, x0, chunk, layout) -> np.ndarray:
         cfg, d = self.model.cfg, self.run.dummy
@@ -217,7 +233,7 @@ class Generator:
         rows = None if per_layer[0] is None else jnp.asarray(np.stack(per_layer))
         order = hma.score_key_order(layout, chunk)
         fn = jax.jit(functools.partial(_refresh_scores, self.graphdef, layout=layout, order=order, rope=self.rope,
-                                       impl=self.run.attn_impl, context_noise=self.run.sampling.context_noise))
+                                       impl=self.attn_impl, context_noise=self.run.sampling.context_noise))
         return np.asarray(fn(params, text_kv, cache, x0, jnp.int32(chunk), rows))
 
     def calibration_scores(self, text_kv, seed: int) -> np.ndarray:
@@ -226,7 +242,7 @@ class Generator:
         if d is None or d.ar_start >= self.run.num_chunks - 1:
             raise ValueError("calibration needs Dummy Forcing and a video longer than ar_start + 1 chunks.")
         layout = self.first_layout()
-        cache = init_cache(layout, self.batch, self.model.cfg.head_dim, self.cache_dtype)
+        cache = self.placement.init_cache(layout, self.cache_dtype)
         key = jax.random.PRNGKey(seed)
         for c in range(d.ar_start + 1):
             x0, cache = self._run_step(layout, self.params, text_kv, cache, key, jnp.int32(c))

@@ -230,6 +230,10 @@ def main(argv=None) -> int:
     if a.one:
         print("RESULT " + json.dumps(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl)), flush=True)
         return 0
+    env = environment()
+    out = Path(a.out) if a.out else Path("benchmarks/results") / (
+        f"{env['device'].replace(' ', '_')}-{env['date']}" + ("-tiny" if a.tiny else "") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for res in (["tiny"] if a.tiny else a.resolutions):
         for mode in a.modes:
@@ -243,12 +247,7 @@ def main(argv=None) -> int:
                 continue
             results.append(json.loads(line[0][len("RESULT "):]))
             print_table([results[-1]])
-    env = environment()
-    doc = {**env, "runs": results}
-    out = Path(a.out) if a.out else Path("benchmarks/results") / (
-        f"{env['device'].replace(' ', '_')}-{env['date']}" + ("-tiny" if a.tiny else "") + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
+            out.write_text(json.dumps({**env, "runs": results}, indent=2))  # kept if a later run is cut off
     print()
     print(f"{env['device']} x{env['num_devices']}, jax {env['jax_version']}, {env['date']}, commit {env['git_commit']}")
     print_table([r for r in results if "error" not in r])

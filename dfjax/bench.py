@@ -52,7 +52,7 @@ def _random_models(tiny: bool):
     if tiny:
         cfgs = (WanConfig.tiny(in_channels=16, out_channels=16), UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False))
     else:
-        cfgs = (WanConfig.wan_1_3b(), UMT5Config.xxl(), WanVAEConfig.wan21(with_encoder=False))
+        cfgs = (WanConfig.wan_1_3b(), UMT5Config.xxl(), WanVAEConfig(with_encoder=False))
     makers = (lambda: WanDiT(cfgs[0], nnx.Rngs(0)), lambda: UMT5Encoder(cfgs[1], nnx.Rngs(1)),
               lambda: WanVAE(cfgs[2], rngs=nnx.Rngs(2)))
     out = []

@@ -243,7 +243,8 @@ def is_split_over(sharding, axis: str) -> bool:
 class MeshConfig:
     """How many devices work together (tensor) and how many groups work side by side (data).
 
-    data = -1: as many groups as the devices allow. Tensor groups never span processes (hosts):
+    data = -1: as many groups as the devices allow (fewer: the first ones, in process order). Tensor
+    groups never span processes (hosts):
     their traffic is every layer's all-reduce, which belongs on NVLink / ICI, not between hosts.
     rules: overrides of DEFAULT_RULES, e.g. {"mlp": null} to keep the FFN whole.
     """
@@ -320,9 +321,10 @@ class MeshConfig:
                                  "devices per host.")
             rows.extend(local[i:i + self.tensor] for i in range(0, len(local), self.tensor))
         data = len(rows) if self.data == -1 else self.data
-        if data != len(rows):
+        if data > len(rows):
             raise ValueError(f"mesh data={self.data} x tensor={self.tensor} needs {self.data * self.tensor} devices, "
-                             f"there are {len(devices)}; use data=-1 to take all of them.")
+                             f"there are {len(devices)}; use data=-1 to take as many groups as there are.")
+        rows = rows[:data]  # data smaller than the devices allow: the first groups (in process order)
         grid = np.empty((data, self.tensor), dtype=object)
         for i, row in enumerate(rows):
             grid[i, :] = row

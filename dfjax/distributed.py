@@ -220,6 +220,55 @@ def versions() -> dict:
     return {"jax": jax.__version__, "flax": flax.__version__, "python": sys.version.split()[0]}
 
 
+# ------------------------------------------------------------------------------------------------ work of a process
+
+@dataclass
+class GroupWork:
+    """One data group of this process: its global index, its mesh, and its share of the jobs."""
+
+    group: int
+    mesh: Any  # jax.sharding.Mesh: (1, tensor) for replicas, the whole mesh in batch mode
+    jobs: list
+
+
+def local_work(items: Sequence[tuple[str, int]], out_dir: str | Path, mesh_config, info: ProcessInfo | None = None,
+               per_host: bool = False):
+    """(this process's GroupWork list, its Manifest, the output folder) for a prompt list.
+
+    Replicas: the jobs are dealt over all data groups of the run (dfjax.jobs.split_jobs) and this
+    process keeps its groups' shares. Batch mode: one group, the whole mesh (one process only).
+    """
+    from dfjax import jobs as J
+
+    info = info or process_info()
+    folder = host_output_dir(out_dir, info, per_host)
+    folder.mkdir(parents=True, exist_ok=True)
+    all_jobs = J.make_jobs(items, folder)
+    if mesh_config.data_mode == "batch":
+        if info.count > 1:
+            raise ValueError("data_mode 'batch' runs one program over the whole mesh of one process; across "
+                             "several processes use 'replicas'.")
+        work = [GroupWork(0, mesh_config.mesh(), all_jobs)]
+    else:
+        num_groups = mesh_config.device_grid().shape[0]
+        groups = mesh_config.local_groups()
+        split = J.split_jobs(all_jobs, num_groups, [g for g, _ in groups])
+        work = [GroupWork(g, mesh, split[g]) for g, mesh in groups]
+    return work, J.Manifest(J.manifest_path(folder, info.index)), folder
+
+
+def run_local_work(work: Sequence[GroupWork], make_video, manifest, info: ProcessInfo | None = None,
+                   overwrite: bool = False, on_skip=None) -> list[dict]:
+    """Runs every group of this process side by side (one thread each); make_video(group_work, job)
+    writes job.out and returns its timings. Returns the manifest records written."""
+    from dfjax import jobs as J
+
+    info = info or process_info()
+    tasks = [lambda w=w: J.run_jobs(w.jobs, lambda job, w=w: make_video(w, job), manifest, process=info.index,
+                                    group=w.group, overwrite=overwrite, on_skip=on_skip) for w in work]
+    return [r for rs in J.run_parallel(tasks) for r in rs]
+
+
 # ------------------------------------------------------------------------------------------------ launching
 
 def free_port() -> int:

@@ -240,3 +240,24 @@ def test_launch_reports_a_failing_process(tmp_path):
     env = dict(os.environ)
     code = "import os, sys; sys.exit(3 if os.environ['DFJAX_PROCESS_ID'] == '1' else 0)"
     assert dist.launch(2, [sys.executable, "-c", code], gpus=False, env=env) == 3
+
+
+def test_local_work_of_a_single_process(tmp_path):
+    from dfjax.sharding import MeshConfig
+
+    info = dist.ProcessInfo(0, 1, "single")
+    work, manifest, folder = dist.local_work(items(5), tmp_path / "out", MeshConfig(data=-1, tensor=1), info,
+                                             per_host=True)
+    assert folder == tmp_path / "out" / "process-00000" and folder.is_dir()
+    n = len(work)  # one group per local device
+    assert [w.group for w in work] == list(range(n)) and sum(len(w.jobs) for w in work) == 5
+    assert all(w.mesh.shape == {"data": 1, "tensor": 1} for w in work)
+
+    def make_video(w, job):
+        job.out.write_bytes(b"mp4")
+        return {"group": w.group}
+
+    recs = dist.run_local_work(work, make_video, manifest, info)
+    assert sorted(r["index"] for r in recs) == list(range(5))
+    assert dist.run_local_work(work, make_video, manifest, info) == []  # resumed: all done
+    assert len(J.read_manifests(tmp_path / "out")) == 5

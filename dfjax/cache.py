@@ -104,10 +104,13 @@ def write_chunk(buf, new, frame_start, g: GroupLayout, tokens_per_frame: int):
 
 
 def refresh_packed(buf, new, is_refresh, g: GroupLayout, tokens_per_frame: int):
-    """After a refresh forward's attention: packed heads' sink slot <- the chunk's last (newest clean) frame."""
+    """After a refresh forward's attention: packed heads' sink slot <- the chunk's last (newest clean) frame.
+
+    A where() over a head mask plus a slice update on the token axis: a scatter on the head axis
+    would make a head-sharded cache be gathered.
+    """
     if not g.packed_heads:
         return buf
-    p = g.num_heads - g.packed_heads
-    last = new[:, -tokens_per_frame:, p:].astype(buf.dtype)
-    old = buf[:, :tokens_per_frame, p:]
-    return buf.at[:, :tokens_per_frame, p:].set(jnp.where(is_refresh, last, old))
+    packed = (jnp.arange(g.num_heads) >= g.num_heads - g.packed_heads)[None, None, :, None]
+    slot = jnp.where(packed & is_refresh, new[:, -tokens_per_frame:].astype(buf.dtype), buf[:, :tokens_per_frame])
+    return jax.lax.dynamic_update_slice_in_dim(buf, slot, 0, axis=1)

@@ -262,10 +262,6 @@ def test_steps_never_gather_a_kv_cache_baseline_and_warmup(device_report):
     assert gathers["baseline"] == [] and gathers["warmup"] == [] and gathers["plan_paper"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="dfjax.cache.refresh_packed updates the packed dummy heads' slot with "
-                   ".at[:, :tpf, p:].set(), a scatter on the head axis that GSPMD partitions by all-gathering the "
-                   "group's cache; a where() over a head mask + dynamic_update_slice on the token axis keeps it "
-                   "local (docs/scaling.md). Remove this xfail when cache.py has it.")
 def test_steps_never_gather_a_kv_cache_packed_plan(device_report):
     assert device_report["cache_gathers"]["plan_packed"] == []
 

@@ -214,3 +214,16 @@ def test_planted_current_frame_heads_are_classified_dummy():
     assert gen.last_plan.dummy_heads() == frozenset(planted)
     for layer, head in planted:
         assert gen.scores[layer, head, 2] > 0.8  # over 80% of the mass on the current chunk
+
+
+def test_the_compiled_plan_step_gathers_no_heads(models):
+    """Heads are contiguous per type after the weight permutation: the plan's step has no gather at all."""
+    _, model = models
+    run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla", dummy=DummyForcingConfig(ar_start=1))
+    gen = Generator(model, run, plan=a_plan())
+    gen.generate(jnp.asarray(context()))
+    plan_layout = hma.plan_layout(a_plan(), TPF, CF)
+    hlo = gen._compiled[plan_layout].as_text()
+    assert "gather(" not in hlo and "scatter(" not in hlo
+    warmup_hlo = gen._compiled[gen.first_layout()].as_text()
+    assert "dynamic-update-slice(" in warmup_hlo  # the check reads real HLO text

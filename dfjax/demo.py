@@ -1,7 +1,10 @@
 """The built-in demo model: what `dfjax generate` uses when no --model is given.
 
-The package ships a small trained model folder under dfjax/assets/demo when it has one. Without
-it, a model folder with the same tiny architecture and seeded random weights is built once into
+The package ships a small trained model folder under dfjax/assets/demo: a Wan-architecture causal
+DiT, UMT5 text encoder and Wan VAE trained from scratch by `dfjax train-demo` (dfjax/train_demo.py)
+on synthetic clips of coloured shapes that move (dfjax/synthetic.py), so prompts like
+DEMO_PROMPTS give recognisable 64x64 videos. Without the folder (a source tree where it was
+removed), a model folder with the same architecture and seeded random weights is built once into
 the user's cache, so the whole text -> mp4 path still runs with nothing downloaded (its videos are
 noise-like; the CLI says so).
 """
@@ -21,7 +24,16 @@ from dfjax.model_io import write_model_folder
 from dfjax.params import flat_state, to_numpy
 
 PACKAGED = Path(__file__).parent / "assets" / "demo"
-DEMO_PROMPTS = ["a red square moves left", "a blue circle bounces", "a green triangle moves right"]
+# prompts in the demo model's language (dfjax.synthetic.VOCABULARY: colours red, green, blue, yellow, white;
+# shapes square, circle, triangle; moves left/right/up/down, bounces, turns <dir>, leaves the frame, comes back,
+# "then a <colour> <shape> appears")
+DEMO_PROMPTS = [
+    "a red square moves left",
+    "a blue circle moves up, then bounces",
+    "a green triangle moves right, then a yellow circle appears",
+    "a white square moves down, leaves the frame, then comes back",
+    "a yellow triangle moves left, then turns up",
+]
 # generation defaults stored with the demo model: 64x64, 33 frames (9 latent frames, 3 chunks)
 DEMO_DEFAULTS = {"height": 64, "width": 64, "frames": 33, "fps": 8}
 
@@ -40,8 +52,13 @@ def demo_model_folder() -> Path:
 
 
 def demo_configs() -> tuple[WanConfig, UMT5Config, WanVAEConfig]:
-    dit = WanConfig.tiny(dim=64, num_layers=4, num_heads=4, ffn_dim=128, in_channels=16, out_channels=16)
-    return dit, UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False)
+    """The shipped model's architecture ("cpu" size of dfjax.train_demo), for the random stand-in."""
+    import dataclasses
+
+    from dfjax.train_demo import model_configs
+
+    dit, text, vae = model_configs("cpu", vocab_size=56)
+    return dit, text, dataclasses.replace(vae, with_encoder=False)
 
 
 def build_random_model_folder(out: Path, seed: int = 0) -> Path:
@@ -55,10 +72,11 @@ def build_random_model_folder(out: Path, seed: int = 0) -> Path:
     }
     config = {"transformer": dit_cfg.__dict__, "text_encoder": te_cfg.__dict__, "vae": vae_cfg.__dict__,
               "defaults": DEMO_DEFAULTS, "sampling": {"chunk_frames": 3}}
+    from dfjax.synthetic import prompt_corpus
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tiny_tokenizer(Path(tmp) / "tokenizer", DEMO_PROMPTS * 4, vocab_size=40)
+        tok = make_tiny_tokenizer(Path(tmp) / "tokenizer", prompt_corpus(200), vocab_size=64)
         return write_model_folder(out, config, params, copy_dirs={"tokenizer": tok}, overwrite=True)
 
 

@@ -26,6 +26,7 @@ the tokenizer, and config.json with "defaults" and "sampling" for `dfjax generat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,6 +59,13 @@ SIZES = {
         dit=dict(dim=192, num_layers=8, num_heads=8, ffn_dim=768, freq_dim=64),
         text=dict(d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128, num_buckets=8, max_distance=16),
         vae=dict(base_dim=16, num_res_blocks=1),
+        z_dim=16,
+    ),
+    # trainable on 2 CPU cores in about 40 minutes (no GPU): DiT 6 layers x 8 heads of 8 (0.4M parameters)
+    "cpu": dict(
+        dit=dict(dim=64, num_layers=6, num_heads=8, ffn_dim=192, freq_dim=64),
+        text=dict(d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64, num_buckets=8, max_distance=16),
+        vae=dict(base_dim=8, num_res_blocks=1),
         z_dim=16,
     ),
     # CPU tests: every part at its smallest
@@ -154,7 +162,8 @@ def tokenize_clean(tokenizer, prompts, text_len: int = TEXT_LEN):
 
 def teacher_forcing_mask(num_frames: int, chunk_frames: int, tokens_per_frame: int) -> np.ndarray:
     """Bool [2L, 2L] over tokens [clean clip ; noisy clip]: clean chunk c sees clean chunks <= c; noisy chunk c
-    sees clean chunks < c and noisy chunk c (the KV-cached AR loop, with clean refresh K/V in the cache)."""
+    sees clean chunks < c and noisy chunk c (the KV-cached AR loop, with clean refresh K/V in the cache).
+    block_causal_attention computes attention under this mask without forming it."""
     ch = np.arange(num_frames) // chunk_frames
     q, k = ch[:, None], ch[None, :]
     top = np.concatenate([k <= q, np.zeros_like(k <= q)], axis=1)
@@ -163,14 +172,29 @@ def teacher_forcing_mask(num_frames: int, chunk_frames: int, tokens_per_frame: i
     return np.repeat(np.repeat(m, tokens_per_frame, 0), tokens_per_frame, 1)
 
 
-def _masked_attention(q, k, v, mask):
+def _softmax_attention(q, k, v):
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def _block_forward(blk, x, e0, text_kv, cos, sin, mask):
+def block_causal_attention(q, k, v, chunk_tokens: int):
+    """Attention under teacher_forcing_mask, chunk by chunk (no masked-out logits are computed: on a CPU this
+    is about 3x faster than one masked softmax). q, k, v [B, 2L, H, D] over tokens [clean ; noisy]."""
+    half = q.shape[1] // 2
+    n = half // chunk_tokens
+    clean, noisy = [], []
+    for c in range(n):
+        a, b = c * chunk_tokens, (c + 1) * chunk_tokens
+        clean.append(_softmax_attention(q[:, a:b], k[:, :b], v[:, :b]))
+        kn = jnp.concatenate([k[:, :a], k[:, half + a:half + b]], axis=1)
+        vn = jnp.concatenate([v[:, :a], v[:, half + a:half + b]], axis=1)
+        noisy.append(_softmax_attention(q[:, half + a:half + b], kn, vn))
+    return jnp.concatenate(clean + noisy, axis=1)
+
+
+def _block_forward(blk, x, e0, text_kv, cos, sin, chunk_tokens):
     """dfjax.model.transformer.Block.__call__ with a masked full-sequence self-attention instead of the cache."""
     cfg, dt = blk.cfg, dtype_of(blk.cfg.dtype)
     b, l, d = x.shape
@@ -180,7 +204,7 @@ def _block_forward(blk, x, e0, text_kv, cos, sin, mask):
     modulate = lambda y, shift, scale: per_frame(y) * (1 + e[:, :, scale, None]) + e[:, :, shift, None]
     h = modulate(layer_norm(x, cfg.eps), 0, 1).reshape(b, l, d).astype(dt)
     q, k, v = blk.self_attn.qkv(h, cos, sin)
-    y = blk.self_attn.o(_masked_attention(q, k, v, mask).reshape(b, l, -1))
+    y = blk.self_attn.o(block_causal_attention(q, k, v, chunk_tokens).reshape(b, l, -1))
     x = x + (per_frame(y.astype(jnp.float32)) * e[:, :, 2, None]).reshape(b, l, d)
     h = layer_norm(x, cfg.eps, blk.norm3_weight[...], blk.norm3_bias[...]).astype(dt)
     x = x + blk.cross_attn(h, text_kv, "xla").astype(jnp.float32)
@@ -206,9 +230,8 @@ def teacher_forcing_flow(model: WanDiT, x_clean, x_noisy, t_noisy, context, rope
     xs = model.patch_embedding(model.patchify(x)).astype(jnp.float32)
     cos, sin = rope_cos_sin(rope, 0, f, hp, wp)
     cos, sin = jnp.concatenate([cos, cos], 0), jnp.concatenate([sin, sin], 0)
-    mask = jnp.asarray(teacher_forcing_mask(f, chunk_frames, tpf))
     for blk, kv in zip(model.blocks, model.text_kv(context)):
-        xs = _block_forward(blk, xs, e0, kv, cos, sin, mask)
+        xs = _block_forward(blk, xs, e0, kv, cos, sin, chunk_frames * tpf)
     mod = model.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]
     hs = layer_norm(xs, cfg.eps).reshape(b, 2 * f, tpf, cfg.dim) * (1 + mod[:, :, 1, None]) + mod[:, :, 0, None]
     hs = hs[:, f:]  # only the noisy half is predicted
@@ -225,6 +248,43 @@ def sample_sigmas(key, batch: int, num_chunks: int, shift: float = 3.0):
 
 
 # ---------------------------------------------------------------- optimisation helpers
+
+@contextlib.contextmanager
+def cpu_friendly_convs(enabled: bool = True):
+    """While active, dfjax.model.vae's conv helper runs each 3D conv as the equal sum of 2D convs over its time
+    taps. XLA:CPU runs small-channel 3D convs 3-10x slower than that (forward and backward), which decides
+    whether the VAE can be trained on a CPU at all; on GPU/TPU it is not used. Same parameters, same function
+    (up to float rounding); anything jitted while it is active keeps the 2D form."""
+    from dfjax.model import vae as vae_module
+
+    original = vae_module._conv
+
+    def conv(x, kernel, bias, strides, padding, dtype):
+        if kernel.ndim != 5:
+            return original(x, kernel, bias, strides, padding, dtype)
+        kt, st = kernel.shape[0], strides[0]
+        (p0, p1), sp = padding[0], padding[1:]
+        x = x.astype(dtype)
+        if p0 or p1:
+            x = jnp.pad(x, ((0, 0), (p0, p1), (0, 0), (0, 0), (0, 0)))
+        b, t, h, w, c = x.shape
+        to = (t - kt) // st + 1
+        out = 0
+        for i in range(kt):
+            xi = jax.lax.slice_in_dim(x, i, i + st * (to - 1) + 1, stride=st, axis=1).reshape(b * to, h, w, c)
+            out = out + jax.lax.conv_general_dilated(
+                xi, kernel[i].astype(dtype), strides[1:], sp, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=vae_module._precision(dtype))
+        out = out.reshape(b, to, *out.shape[1:])
+        return out + bias.astype(dtype)
+
+    if enabled:
+        vae_module._conv = conv
+    try:
+        yield
+    finally:
+        vae_module._conv = original
+
 
 def _init(make):
     """make() with its parameters initialised in one compiled program (eager init compiles once per shape)."""
@@ -500,16 +560,19 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
         ids, mask = tokenize_clean(tokenizer, prompts)
         log(f"tokenizer: {len(tokenizer)} pieces; prompts up to {int(mask.sum(1).max())} tokens")
 
-        vae, vae_rec = train_vae(cfg, vae_cfg, videos[:cfg.vae_clips], log)
-        t0 = time.perf_counter()
-        raw = encode_dataset(vae, videos)
+        cpu = jax.default_backend() == "cpu"
+        with cpu_friendly_convs(cpu):
+            vae, vae_rec = train_vae(cfg, vae_cfg, videos[:cfg.vae_clips], log)
+            t0 = time.perf_counter()
+            raw = encode_dataset(vae, videos, batch=8 if cpu else 64)
         mean, std = latent_stats(raw)
         latents = (raw - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
         vae_cfg = dataclasses.replace(vae_cfg, latents_mean=mean, latents_std=std)
         log(f"latents: {latents.shape} in {time.perf_counter() - t0:.1f} s; global std {std[0]:.3f}, "
             f"per-channel std after normalising {np.round(latents.reshape(-1, latents.shape[-1]).std(0), 2).tolist()}")
         vae = _with_config(vae, vae_cfg)
-        vae_rec["heldout_psnr"] = reconstruction_psnr(vae, cfg, synth)
+        with cpu_friendly_convs(cpu):
+            vae_rec["heldout_psnr"] = reconstruction_psnr(vae, cfg, synth, num=8 if cpu else 32)
         log(f"vae: held-out reconstruction PSNR {vae_rec['heldout_psnr']:.2f} dB")
 
         del videos
@@ -640,6 +703,56 @@ def set_sampling(folder: str | Path, sampling: dict) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------- README media
+
+def write_demo_media(folder: str | Path, out_dir: str | Path, prompts=None, seed: int = 0, scale: int = 2) -> list[Path]:
+    """Generates `prompts` (default dfjax.demo.DEMO_PROMPTS) with a model folder at its default size and writes
+    out_dir/demo.gif (one row per prompt) and out_dir/demo_strip.png (every 4th frame). Needs Pillow."""
+    from PIL import Image, ImageDraw
+
+    from dfjax.config import VideoShape, config_from_dict
+    from dfjax.demo import DEMO_PROMPTS
+    from dfjax.model.vae import decode
+    from dfjax.model_io import read_config
+    from dfjax.pipeline import Generator, RunConfig
+    from dfjax.synthetic import to_uint8
+    from dfjax.t2v import VideoModel
+
+    prompts = list(prompts or DEMO_PROMPTS)
+    meta = read_config(folder)
+    d = meta["defaults"]
+    model = VideoModel.load(folder)
+    run = RunConfig(video=VideoShape(d["height"], d["width"], d["frames"]), attn_impl="xla",
+                    sampling=config_from_dict(SamplingConfig, meta["sampling"]))
+    gen = Generator(model.dit, run)
+    vg, vs = nnx.split(model.vae)
+    videos = [to_uint8(np.asarray(decode(vg, vs, gen.generate(model.text([p]), seed)))[0]) for p in prompts]
+    videos = np.stack(videos).repeat(scale, 2).repeat(scale, 3)  # [P, F, H, W, 3]
+    n, f, h, w, _ = videos.shape
+    label_w, pad = 330, 2
+
+    def canvas(frames_per_row):
+        """One image: a label column, then the given frames of every prompt side by side."""
+        cols = len(frames_per_row[0])
+        img = Image.new("RGB", (label_w + cols * (w + pad), n * (h + pad)), (24, 24, 28))
+        draw = ImageDraw.Draw(img)
+        for r, (prompt, frames) in enumerate(zip(prompts, frames_per_row)):
+            y = r * (h + pad)
+            draw.text((6, y + h // 2 - 6), prompt, fill=(230, 230, 230))
+            for c, fr in enumerate(frames):
+                img.paste(Image.fromarray(fr), (label_w + c * (w + pad), y))
+        return img
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gif = out_dir / "demo.gif"
+    frames = [canvas([[v[t]] for v in videos]) for t in range(f)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=int(1000 / d.get("fps", 8)), loop=0)
+    strip = out_dir / "demo_strip.png"
+    canvas([list(v[::4]) for v in videos]).save(strip)
+    return [gif, strip]
+
+
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -648,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tar", help="also pack the folder into this .tar file")
     p.add_argument("--preview", help="also save a few generated held-out videos to this .npz")
     p.add_argument("--tokenizer", help="use this tokenizer folder (from an earlier run) instead of training one")
+    p.add_argument("--media", metavar="DIR", help="after training, write DIR/demo.gif and DIR/demo_strip.png")
     p.add_argument("--finalize", metavar="RAW", help="only turn a run's npz output (no orbax there) into a model "
                                                      "folder at --out")
     defaults = TrainConfig()
@@ -673,6 +787,9 @@ def main(argv=None) -> int:
         meta = json.loads(meta_path.read_text())
         meta["training"]["samplers"] = res
         meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if a.media:
+        for media in write_demo_media(path, a.media):
+            print(f"wrote {media}")
     if a.tar:
         import tarfile
 

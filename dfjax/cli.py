@@ -60,7 +60,8 @@ def read_prompts(path: str | Path, default_seed: int) -> list[tuple[str, int]]:
     return items
 
 
-def make_jobs(a) -> list[Job]:
+def check_request(a) -> Job | None:
+    """Checks the prompt and output arguments before any heavy work; the Job of a single --prompt."""
     if (a.prompt is None) == (a.prompts is None):
         raise UsageError("give exactly one of --prompt TEXT or --prompts FILE.")
     if a.prompt is not None:
@@ -69,13 +70,12 @@ def make_jobs(a) -> list[Job]:
         out = Path(a.out or "out.mp4")
         if out.suffix.lower() != ".mp4":
             raise UsageError(f"--out {out} must be an .mp4 file for a single prompt.")
-        return [Job(a.prompt, a.seed, out)]
-    items = read_prompts(a.prompts, a.seed)
+        return Job(a.prompt, a.seed, out)
+    read_prompts(a.prompts, a.seed)
     folder = Path(a.out or "out")
     if folder.suffix.lower() == ".mp4":
         raise UsageError("--out must be a folder when --prompts gives several prompts.")
-    folder.mkdir(parents=True, exist_ok=True)
-    return [Job(p, s, folder / f"{i:05d}_seed{s}.mp4") for i, (p, s) in enumerate(items)]
+    return None
 
 
 def run_config(a, meta: dict):
@@ -130,37 +130,63 @@ def model_folder(a) -> Path:
 
 
 def cmd_generate(a) -> None:
+    from dfjax import distributed as dist
     from dfjax.t2v import VideoModel, VideoPipeline, check_model_folder
     from dfjax.video import check_writable
 
+    info = dist.initialize(a.distributed, a.coordinator, a.num_processes, a.process_id)  # before any jax work
     if a.negative_prompt is not None:
         raise UsageError("--negative-prompt: these few-step Self Forcing models sample without classifier-free "
                          "guidance, so a negative prompt would have no effect; remove it.")
-    jobs = make_jobs(a)
+    job = check_request(a)
     folder = model_folder(a)
     meta = check_model_folder(folder)
     run, fps = run_config(a, meta)
     plan = load_plan(a, meta)
-    todo = []
-    for job in jobs:
-        check_writable(job.out)
-        if job.out.exists() and not a.overwrite:
-            if a.prompts is None:
-                raise UsageError(f"{job.out} exists; pass --overwrite or choose another --out.")
-            print(f"skip {job.out} (exists; --overwrite to redo)", file=sys.stderr)
-            continue
-        todo.append(job)
+    if job is None:
+        return generate_many(a, info, folder, run, fps, plan)
+    check_writable(job.out)
+    if job.out.exists() and not a.overwrite:
+        raise UsageError(f"{job.out} exists; pass --overwrite or choose another --out.")
     pipeline = VideoPipeline(VideoModel.load(folder, a.dtype), run, plan=plan)
-    report = []
-    for job in todo:
-        t = pipeline.make_video(job.prompt, job.seed, job.out, fps, progress=not a.quiet)
-        report.append({"prompt": job.prompt, "seed": job.seed, "file": str(job.out), **t.as_dict()})
-        if not a.quiet:
-            print_timing(job.out, t)
+    t = pipeline.make_video(job.prompt, job.seed, job.out, fps, progress=not a.quiet)
+    if not a.quiet:
+        print_timing(job.out, t)
     if a.save_profile and pipeline.generator.last_plan is not None:
         pipeline.generator.last_plan.save(a.save_profile)
     if a.timing_json:
-        Path(a.timing_json).write_text(json.dumps(report, indent=2))
+        record = {"prompt": job.prompt, "seed": job.seed, "file": str(job.out), **t.as_dict()}
+        Path(a.timing_json).write_text(json.dumps([record], indent=2))
+
+
+def generate_many(a, info, folder, run, fps, plan) -> None:
+    """A prompt file over this process's data groups (dfjax.distributed): each group makes its share of
+    the videos on its own devices, writes a manifest line per video, and skips finished ones."""
+    from dfjax import distributed as dist
+    from dfjax.sharding import MeshConfig
+    from dfjax.t2v import VideoModel, VideoPipeline
+    from dfjax.video import check_writable
+
+    mesh_cfg = MeshConfig.load(a.mesh) if a.mesh else MeshConfig(data=1, tensor=1)
+    items = read_prompts(a.prompts, a.seed)
+    dist.check_agreement({"run": run, "mesh": mesh_cfg.to_dict(), "model": dist.model_fingerprint(folder),
+                          "prompts": items, "plan": plan and plan.to_json(), "versions": dist.versions()}, info)
+    work, manifest, out_dir = dist.local_work(items, a.out or "out", mesh_cfg, info, a.per_host_output)
+    check_writable(out_dir / "probe.mp4")
+    model = VideoModel.load(folder, a.dtype)
+    pipes = {w.group: VideoPipeline(model, run, plan=plan, mesh=w.mesh if w.mesh.size > 1 else None) for w in work}
+    records = dist.run_local_work(
+        work, lambda w, job: pipes[w.group].make_video(job.prompt, job.seed, job.out, fps,
+                                                       progress=info.is_main and not a.quiet).as_dict(),
+        manifest, info, overwrite=a.overwrite,
+        on_skip=lambda job: a.quiet or dist.log(f"skip {job.out} (exists; --overwrite to redo)", info=info,
+                                                all_processes=True))
+    if a.save_profile:
+        saved = [p.generator.last_plan for p in pipes.values() if p.generator.last_plan is not None]
+        if saved and info.is_main:
+            saved[0].save(a.save_profile)
+    if a.timing_json:
+        Path(a.timing_json).write_text(json.dumps(records, indent=2))
 
 
 def print_timing(out, t) -> None:
@@ -253,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timing-json", help="write the timing table as JSON here")
     g.add_argument("--save-profile", help="save the Dummy Forcing plan this run used (JSON)")
     g.add_argument("--quiet", action="store_true")
+    s = g.add_argument_group("scale out (docs/scaling.md)")
+    s.add_argument("--mesh", help="mesh config: a JSON/YAML file or a preset in configs/ (data x tensor)")
+    s.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
+                   help="jax.distributed start-up: auto-detect SLURM/MPI/TPU/`python -m dfjax.distributed launch`")
+    s.add_argument("--coordinator", help="HOST:PORT of process 0 (with --num-processes and --process-id)")
+    s.add_argument("--num-processes", type=int)
+    s.add_argument("--process-id", type=int)
+    s.add_argument("--per-host-output", action="store_true", help="write under OUT/process-NNNNN/")
     add_video_options(g)
     g.set_defaults(fn=cmd_generate)
 

@@ -95,10 +95,15 @@ class Timing:
 class VideoPipeline:
     """Compiles once per (run config, model) and makes any number of videos."""
 
-    def __init__(self, model: VideoModel, run: RunConfig, plan: HeadPlan | None = None):
+    def __init__(self, model: VideoModel, run: RunConfig, plan: HeadPlan | None = None, mesh=None):
+        """mesh: a (data, tensor) jax Mesh this pipeline runs on (dfjax.sharding); None: one device."""
         self.model, self.run = model, run
-        self.generator = Generator(model.dit, run, plan=plan)
+        self.generator = Generator(model.dit, run, plan=plan, mesh=mesh)
         self.vae_graphdef, self.vae_state = nnx.split(model.vae)
+        if mesh is not None:
+            from dfjax.sharding import put_replicated
+
+            self.vae_state = put_replicated(self.vae_state, mesh)
         h, w = run.video.latent_hw
         f = model.vae.cfg
         want = (run.video.height // f.spatial_factor, run.video.width // f.spatial_factor)

@@ -40,8 +40,10 @@ def test_prompt_file_dummy_forcing_profile_and_resume(tmp_path):
     profile = tmp_path / "profile.json"
     args = ["generate", "--prompts", str(prompts), "--out", str(out), "--quiet", "--dummy-forcing"]
     assert main(args + ["--save-profile", str(profile)]) == 0
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.iterdir() if p.suffix == ".mp4")
     assert files == ["00000_seed3.mp4", "00001_seed0.mp4"]
+    manifest = [json.loads(line) for line in (out / "manifest-00000.jsonl").read_text().splitlines()]
+    assert sorted(r["seed"] for r in manifest) == [0, 3] and all(r["timing"]["e2e_s"] > 0 for r in manifest)
     stamp = (out / files[0]).stat().st_mtime_ns
     assert main(args + ["--profile", str(profile)]) == 0  # a rerun skips finished videos
     assert (out / files[0]).stat().st_mtime_ns == stamp

@@ -63,6 +63,14 @@ def _random_models(tiny: bool):
     return out
 
 
+_T0 = time.perf_counter()
+
+
+def progress(*msg) -> None:
+    """A timestamped line on stderr (the parent passes it through), so a slow or stuck run shows where."""
+    print(f"[bench {time.perf_counter() - _T0:7.1f}s]", *msg, file=sys.stderr, flush=True)
+
+
 def _timed(fn, runs):
     times = []
     for _ in range(runs):
@@ -91,6 +99,8 @@ def _attention_seconds(gen, run, runs):
     lq = tpf * cf
     q = jax.random.normal(jax.random.PRNGKey(0), (1, lq, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     forwards = len(run.sampling.denoising_steps) + 1
+    fn = jax.jit(lambda q, cache, lens: grouped_attention(
+        q, tuple((k, v, n) for (k, v), n in zip(cache, lens)), impl=run.attn_impl))
     total = 0.0
     for c in range(run.num_chunks):
         lay = plan_layout if (plan_layout is not None and c > run.dummy.ar_start) else layout
@@ -102,8 +112,6 @@ def _attention_seconds(gen, run, runs):
             cache = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype), cache)
             end = (c + 1) * cf
             lens = [jnp.int32(g.valid_frames(end) * tpf) for g in layer]
-            fn = jax.jit(lambda q, cache, lens: grouped_attention(
-                q, tuple((k, v, n) for (k, v), n in zip(cache, lens)), impl=run.attn_impl))
             jax.block_until_ready(fn(q, cache, lens))
             t = statistics.median(_timed(lambda: jax.block_until_ready(fn(q, cache, lens)), max(runs, 3)))
             total += t * count * forwards
@@ -123,7 +131,9 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
     from dfjax.pipeline import Generator
 
     run = _run_config(mode, resolution, frames, tiny, attn_impl)
+    progress(mode, resolution, "building random models")
     dit, t5, vae = _random_models(tiny)
+    progress("models ready")
     gen = Generator(dit, run)
     t5_graph, t5_state = nnx.split(t5)
     encode = jax.jit(lambda s, ids, mask: nnx.merge(t5_graph, s)(ids, mask))
@@ -157,19 +167,25 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
     t0 = time.perf_counter()
     kv = jax.block_until_ready(text())
     compile_text = time.perf_counter() - t0
+    progress(f"text encoder compiled and run: {compile_text:.1f} s")
     diffusion(kv)  # compiles every step (timed by the generator)
     compile_s = gen.compile_s
+    progress(f"first video (compile {compile_s:.1f} s)")
     t0 = time.perf_counter()
     e2e()  # compiles the VAE variants
     compile_vae = time.perf_counter() - t0
+    progress(f"first end-to-end video with VAE compile: {compile_vae:.1f} s")
     text_times = _timed(lambda: jax.block_until_ready(text()), runs)
     diff_times = _timed(lambda: diffusion(kv), runs)
+    progress(f"diffusion {diff_times}")
     e2e_times, first_times = [], []
     for _ in range(runs):
         e2e_times += _timed(e2e, 1)
         first_times.append(first["s"])
+    progress(f"end to end {e2e_times}")
     stats = jax.devices()[0].memory_stats() or {}
     attn_s = _attention_seconds(gen, run, runs)
+    progress(f"attention share {attn_s:.3f} s")
     cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(gen.first_layout(), 1, dit.cfg.head_dim,
                                                                  jnp.bfloat16)))
     if gen.last_plan is not None:  # after the plan: the per-head-type caches
@@ -224,6 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64x96 (CPU smoke run)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per (mode, resolution) run")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
     p.add_argument("--one", nargs=2, metavar=("MODE", "RES"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -239,11 +256,20 @@ def main(argv=None) -> int:
         for mode in a.modes:
             cmd = [sys.executable, "-m", "dfjax.bench", "--one", mode, res, "--frames", str(a.frames), "--runs",
                    str(a.runs), "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            # stderr (progress, errors) streams through; a run past --timeout is killed with its children
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            try:
+                stdout, _ = proc.communicate(timeout=a.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                stdout, _ = proc.communicate()
+                proc.returncode = "timeout"
+            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
-                print(f"{mode} {res}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
-                results.append({"mode": mode, "resolution": res, "frames": a.frames, "error": proc.stderr[-2000:]})
+                print(f"{mode} {res}: failed (exit {proc.returncode})", file=sys.stderr)
+                results.append({"mode": mode, "resolution": res, "frames": a.frames,
+                                "error": f"exit {proc.returncode}"})
+                out.write_text(json.dumps({**env, "runs": results}, indent=2))
                 continue
             results.append(json.loads(line[0][len("RESULT "):]))
             print_table([results[-1]])

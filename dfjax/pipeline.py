@@ -151,6 +151,8 @@ class Generator:
                                            out_shardings=self.placement.text_kv_shardings)
         self._steps = {}
         self._compiled = {}
+        self._score_fns = {}
+        self._transitions = {}
         self.compile_s = 0.0  # seconds spent compiling steps (ahead of time, outside the timed runs)
 
     # -- compiled pieces ----------------------------------------------------------------------------
@@ -208,9 +210,11 @@ class Generator:
                     plan = self.score_and_plan(params, text_kv, cache, x0, c, layout)
                 self.last_plan = plan
                 layout_b = hma.plan_layout(plan, layout.tokens_per_frame, layout.chunk_frames)
-                transition = self.placement.jit(hma.transition_cache, static_argnums=(1, 2, 3, 4),
-                                                out_shardings=lambda: self.placement.cache_shardings(layout_b))
-                cache = transition(cache, layout, layout_b, plan, c)
+                if layout_b not in self._transitions:  # jitted once per plan layout, not per video
+                    self._transitions[layout_b] = self.placement.jit(
+                        hma.transition_cache, static_argnums=(1, 2, 3, 4),
+                        out_shardings=lambda: self.placement.cache_shardings(layout_b))
+                cache = self._transitions[layout_b](cache, layout, layout_b, plan, c)
                 model = nnx.merge(self.graphdef, params, copy=True)  # keep self.params unpermuted
                 hma.permute_heads(model, plan)
                 _, params = nnx.split(model)
@@ -231,10 +235,12 @@ class Generator:
         sampling = QueryRowSampling(d.query_rows, d.query_fraction)
         per_layer = [sampling.rows(lq, layout.tokens_per_frame, (d.seed, i)) for i in range(cfg.num_layers)]
         rows = None if per_layer[0] is None else jnp.asarray(np.stack(per_layer))
-        order = hma.score_key_order(layout, chunk)
-        fn = jax.jit(functools.partial(_refresh_scores, self.graphdef, layout=layout, order=order, rope=self.rope,
-                                       impl=self.attn_impl, context_noise=self.run.sampling.context_noise))
-        return np.asarray(fn(params, text_kv, cache, x0, jnp.int32(chunk), rows))
+        if (layout, chunk) not in self._score_fns:  # jitted once per Generator, not per video
+            order = hma.score_key_order(layout, chunk)
+            self._score_fns[layout, chunk] = jax.jit(functools.partial(
+                _refresh_scores, self.graphdef, layout=layout, order=order, rope=self.rope, impl=self.attn_impl,
+                context_noise=self.run.sampling.context_noise))
+        return np.asarray(self._score_fns[layout, chunk](params, text_kv, cache, x0, jnp.int32(chunk), rows))
 
     def calibration_scores(self, text_kv, seed: int) -> np.ndarray:
         """Frame attention scores of one prompt: the warm-up chunks up to ar_start, then its scored refresh."""

@@ -72,7 +72,9 @@ def norm_param(dim, cfg: WanConfig, value=1.0, shape=None):
     return nnx.Param(jnp.full(shape or (dim,), value, dtype_of(cfg.norm_dtype)))
 
 
-class SelfAttention(nnx.Module):
+class Attention(nnx.Module):
+    """q/k/v/o projections with q/k RMSNorm over the full width (shared by self- and cross-attention)."""
+
     def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.q = Linear(cfg.dim, cfg.dim, cfg, rngs)
@@ -81,6 +83,9 @@ class SelfAttention(nnx.Module):
         self.o = Linear(cfg.dim, cfg.dim, cfg, rngs)
         self.norm_q = norm_param(cfg.dim, cfg)
         self.norm_k = norm_param(cfg.dim, cfg)
+
+
+class SelfAttention(Attention):
 
     def qkv(self, x, cos, sin):
         """q, k (RMSNorm over the full width, then RoPE) and v, each [B, L, H, D]."""
@@ -119,15 +124,7 @@ class SelfAttention(nnx.Module):
         return self.o(out.reshape(b, l, -1)), tuple(new_cache), scores
 
 
-class CrossAttention(nnx.Module):
-    def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.q = Linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.k = Linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.v = Linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.o = Linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.norm_q = norm_param(cfg.dim, cfg)
-        self.norm_k = norm_param(cfg.dim, cfg)
+class CrossAttention(Attention):
 
     def text_kv(self, context):
         """K/V of the text context [B, Lt, dim]; computed once per prompt."""

@@ -32,7 +32,12 @@ def _run_config(mode, resolution, frames, tiny, attn_impl):
     from dfjax.config import RESOLUTIONS, CacheConfig, DummyForcingConfig, SamplingConfig, VideoShape
     from dfjax.pipeline import RunConfig
 
-    h, w = (64, 96) if tiny else RESOLUTIONS[resolution]
+    if tiny:
+        h, w = 64, 96
+    elif resolution in RESOLUTIONS:
+        h, w = RESOLUTIONS[resolution]
+    else:  # "HxW", e.g. a small size to profile the real model on a CPU
+        h, w = (int(x) for x in resolution.lower().split("x"))
     cache = CacheConfig.longlive() if mode == "local" else CacheConfig()
     dummy = DummyForcingConfig() if mode == "dummy" else None
     return RunConfig(video=VideoShape(h, w, frames), sampling=SamplingConfig(), cache=cache, dummy=dummy,

@@ -62,6 +62,10 @@ def read_prompts(path: str | Path, default_seed: int) -> list[tuple[str, int]]:
 
 def check_request(a) -> Job | None:
     """Checks the prompt and output arguments before any heavy work; the Job of a single --prompt."""
+    if a.prompt is None and a.prompts is None and a.model is None:  # `dfjax generate` alone: the demo
+        from dfjax.demo import DEMO_PROMPTS
+
+        a.prompt = DEMO_PROMPTS[0]
     if (a.prompt is None) == (a.prompts is None):
         raise UsageError("give exactly one of --prompt TEXT or --prompts FILE.")
     if a.prompt is not None:

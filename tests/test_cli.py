@@ -89,3 +89,10 @@ def test_bad_input_is_one_clear_line_and_leaves_no_file(tmp_path, capsys, monkey
     assert len(err) == 1 and err[0].startswith("dfjax: error:") and message in err[0], err
     assert not list(tmp_path.rglob("*.mp4"))
     assert set(p.name for p in tmp_path.rglob("*")) <= before | {"o"}
+
+
+def test_generate_with_no_arguments_makes_the_demo_video(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--quiet"]) == 0
+    info = read_mp4_info(tmp_path / "out.mp4")
+    assert info["frames"] > 1 and info["width"] > 0

@@ -89,7 +89,6 @@ def _attention_seconds(gen, run, runs):
     """Time of every self-attention call of one video at its real shapes (the DiT's attention share)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from dfjax import hma
     from dfjax.cache import init_cache

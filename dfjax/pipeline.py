@@ -195,7 +195,6 @@ class Generator:
     # -- the loop -----------------------------------------------------------------------------------
     def chunks(self, text_kv, seed: int) -> Iterator[ChunkResult]:
         """Yields each chunk's clean latents as soon as it is dispatched (device arrays, not synced)."""
-        cfg = self.model.cfg
         key = jax.random.PRNGKey(seed)
         layout = self.first_layout()
         params = self.params

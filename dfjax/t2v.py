@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dfjax.config import WanConfig, config_from_dict

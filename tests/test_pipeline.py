@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dfjax.config import CacheConfig, DummyForcingConfig, SamplingConfig, VideoShape, WanConfig
-from dfjax.dummy import DUMMY, NEIGHBOUR, SINK, HeadPlan
+from dfjax.dummy import NEIGHBOUR, HeadPlan
 from dfjax.model.transformer import WanDiT
 from dfjax.pipeline import Generator, RunConfig
 from dfjax.sampling import schedule

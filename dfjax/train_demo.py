@@ -391,7 +391,8 @@ def train_vae(cfg: TrainConfig, vae_cfg: WanVAEConfig, videos_u8: np.ndarray, lo
 
 
 def encode_dataset(vae: WanVAE, videos_u8: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Posterior means [N, F_lat, h, w, z] (in the VAE's un-normalised space: its config has mean 0, std 1)."""
+    """Posterior means [N, F_lat, h, w, z], normalised by the VAE config's latent statistics (while training
+    they are mean 0 and std 1, so these are the raw means)."""
     graphdef, state = nnx.split(vae)
 
     @jax.jit
@@ -606,9 +607,8 @@ def reconstruction_psnr(vae: WanVAE, cfg: TrainConfig, synth: SyntheticConfig, n
     from dfjax.synthetic import make_batch
 
     x, _ = make_batch(range(50_000_000, 50_000_000 + num), cfg.seed, synth)
-    mu = encode_dataset(vae, (np.clip(np.rint((x + 1) * 127.5), 0, 255)).astype(np.uint8), batch=num)
+    z = encode_dataset(vae, (np.clip(np.rint((x + 1) * 127.5), 0, 255)).astype(np.uint8), batch=num)  # normalised
     vg, vs = nnx.split(vae)
-    z = (mu - np.asarray(vae.cfg.latents_mean, np.float32)) / np.asarray(vae.cfg.latents_std, np.float32)
     rec = np.asarray(decode(vg, vs, jnp.asarray(z)))
     mse = np.mean(np.square((rec - x) / 2))
     return float(10 * np.log10(1.0 / max(mse, 1e-12)))

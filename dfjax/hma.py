@@ -63,17 +63,16 @@ def transition_cache(cache_a, layout_a: AttentionLayout, layout_b: AttentionLayo
     tpf, cf = layout_a.tokens_per_frame, layout_a.chunk_frames
     L = plan.local_context_length
     newest = (last_chunk + 1) * cf - 1
-    nbr_frames = [f for f in range(max(0, (last_chunk - L + 1) * cf), (last_chunk + 1) * cf)]
+    nbr_frames = range(max(0, (last_chunk - L + 1) * cf), (last_chunk + 1) * cf)
 
     def frames_of(buf, g_a, f):
         s = g_a.static_slot(f)
         return buf[:, s * tpf:(s + 1) * tpf]
 
     out = []
-    for layer_a, layer_b, perm, (n_sink, n_dummy, _) in zip(layout_a.layers, layout_b.layers, plan.permutation,
-                                                           plan.group_sizes):
+    for layer_cache, layer_a, layer_b, perm in zip(cache_a, layout_a.layers, layout_b.layers, plan.permutation):
         g_a = layer_a[0]
-        kv_perm = [buf[:, :, np.asarray(perm)] for buf in cache_a[len(out)][0]]
+        kv_perm = [buf[:, :, np.asarray(perm)] for buf in layer_cache[0]]
         groups, h0 = [], 0
         for g in layer_b:
             bufs = []
@@ -86,7 +85,7 @@ def transition_cache(cache_a, layout_a: AttentionLayout, layout_b: AttentionLayo
                         p = g.num_heads - g.packed_heads
                         first = first.at[:, :, p:].set(frames_of(src, g_a, newest)[:, :, p:])
                     new = new.at[:, :tpf].set(first)
-                else:  # a ring of the last L chunks + the chunk slot
+                elif g.window_frames > cf:  # a ring of the last L chunks + the chunk slot
                     for f in nbr_frames:
                         s = g.static_slot(f)
                         new = new.at[:, s * tpf:(s + 1) * tpf].set(frames_of(src, g_a, f))

@@ -5,13 +5,16 @@ numpy.random.default_rng([seed, index]), so clip i is the same whatever the batc
 drawn in. A clip has a primary shape (square, circle or triangle; red, green, blue, yellow or
 white) that moves left, right, up or down and then, by its scenario,
 
-  bounce:  reflects off the walls it reaches ("... moves left, bounces");
+  bounce:  reflects off the walls it reaches ("... moves left, then bounces");
   turn:    changes direction at a random frame ("... moves left, then turns up"), reflecting off walls;
   exit:    runs out of the frame, stays out a few frames, and comes back ("... leaves the frame, then
            comes back");
 
-and half of the clips get a second shape that pops in later and moves on its own, drawn over or
-under the first (occlusion): "..., then a blue circle appears". The prompt lists the events in the
+The primary shape starts at the middle of the side it moves away from (or, for exit, of the side
+it leaves by), so the first frames follow from the prompt up to a few pixels of jitter; its speed,
+turn time and the rest do not. Half of the clips get a second shape that pops in near the centre
+later and moves on its own, drawn over or under the first (occlusion): "..., then a blue circle
+appears". The prompt lists the events in the
 order they happen within the clip's frames. Predicting a frame needs history: the position and the
 velocity come from earlier frames, the identity from the first frame or the text, and an exited
 shape's return from frames several chunks back.
@@ -80,14 +83,20 @@ def _simulate_primary(rng, cfg: SyntheticConfig):
     if scenario == "exit":
         speed = rng.uniform(1.5, 2.5)
         # start near the wall it runs towards, so that it is out and back within the clip
-        gap = rng.uniform(r, 18.0)
+        gap = r + rng.uniform(1.0, 3.0)
         along = {"left": gap, "right": w - gap, "up": gap, "down": h - gap}[d]
-        across = rng.uniform(r, (h if d in ("left", "right") else w) - r)
+        span = h if d in ("left", "right") else w
+        across = span / 2 + rng.uniform(-3.0, 3.0)
         x, y = (along, across) if d in ("left", "right") else (across, along)
         out_frames = int(rng.integers(3, 10))
     else:
+        # start on the side it moves away from (jittered), so that the first frames follow from the prompt
         speed = rng.uniform(*cfg.speed)
-        x, y = rng.uniform(r, w - r), rng.uniform(r, h - r)
+        back = r + rng.uniform(1.0, 3.0)
+        along = {"left": w - back, "right": back, "up": h - back, "down": back}[d]
+        span = h if d in ("left", "right") else w
+        across = span / 2 + rng.uniform(-3.0, 3.0)
+        x, y = (along, across) if d in ("left", "right") else (across, along)
     turn_at = int(rng.integers(8, max(9, n - 12))) if scenario == "turn" else -1
     vel = v * speed
     events = [(0, f"moves {d}")]
@@ -136,7 +145,7 @@ def _simulate_second(rng, cfg: SyntheticConfig, primary):
     w, h, n = cfg.width, cfg.height, cfg.frames
     appear = int(rng.integers(8, max(9, min(n - 12, 33))))
     r = rng.uniform(*cfg.radius)
-    x, y = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    x, y = w / 2 + rng.uniform(-3.0, 3.0), h / 2 + rng.uniform(-3.0, 3.0)  # pops in near the centre
     vel = np.array(DIRECTIONS[list(DIRECTIONS)[rng.integers(4)]]) * rng.uniform(*cfg.speed)
     pos = np.zeros((n, 2), np.float32)
     vis = np.zeros((n,), bool)

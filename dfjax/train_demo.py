@@ -115,6 +115,9 @@ class TrainConfig:
     context_aug: float = 0.1  # clean-context latents get N(0, s^2) noise with s ~ U(0, context_aug)
     dit_dtype: str = "float32"
     dit_seconds: float = 0.0  # like vae_seconds
+    first_chunk_steps: int = 0  # > 0: a first phase on first chunks only (see train_dit)
+    first_chunk_batch: int = 64
+    first_chunk_seconds: float = 0.0
     log_every: int = 100
 
     def __post_init__(self):
@@ -390,6 +393,18 @@ def train_vae(cfg: TrainConfig, vae_cfg: WanVAEConfig, videos_u8: np.ndarray, lo
     return vae, dict(steps=i, seconds=round(budget.elapsed(), 1), history=history)
 
 
+def load_full_vae(path: str | Path, vae_cfg: WanVAEConfig) -> WanVAE:
+    """A VAE saved with --save-vae, under `vae_cfg` (whose latent statistics replace the saved ones)."""
+    from dfjax.params import assign_params
+
+    with np.load(path) as z:
+        saved = json.loads(str(z["config"]))
+        flat = {k: z[k] for k in z.files if k != "config"}
+    cfg = dataclasses.replace(vae_cfg, **{k: saved[k] for k in ("z_dim", "base_dim", "num_res_blocks")},
+                              with_encoder=True)
+    return assign_params(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))), flat)
+
+
 def encode_dataset(vae: WanVAE, videos_u8: np.ndarray, batch: int = 64) -> np.ndarray:
     """Posterior means [N, F_lat, h, w, z], normalised by the VAE config's latent statistics (while training
     they are mean 0 and std 1, so these are the raw means)."""
@@ -422,61 +437,100 @@ def latent_stats(latents: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 # ---------------------------------------------------------------- DiT + text encoder
 
 def train_dit(cfg: TrainConfig, dit_cfg: WanConfig, text_cfg: UMT5Config, latents: np.ndarray, ids: np.ndarray,
-              mask: np.ndarray, chunk_frames: int = 3, log=print):
-    """Returns (DiT, text encoder) with EMA weights, and a record dict."""
-    dit = _init(lambda: WanDiT(with_dtype(dit_cfg, cfg.dit_dtype), nnx.Rngs(cfg.seed + 3)))
-    text = _init(lambda: UMT5Encoder(text_cfg, nnx.Rngs(cfg.seed + 4)))
+              mask: np.ndarray, chunk_frames: int = 3, log=print, init=None):
+    """Returns (DiT, text encoder) with EMA weights, and a record dict.
+
+    Two phases share the optimiser and the EMA: first (cfg.first_chunk_steps > 0) the first chunk of each clip
+    alone, from the prompt only, in large batches (cheap steps that teach the text conditioning, which the
+    full-clip loss, dominated by chunks with history, learns slowly); then whole clips, teacher-forced.
+    init: (dit, text) modules to start from instead of a fresh initialisation.
+    """
+    if init is None:
+        dit = _init(lambda: WanDiT(with_dtype(dit_cfg, cfg.dit_dtype), nnx.Rngs(cfg.seed + 3)))
+        text = _init(lambda: UMT5Encoder(text_cfg, nnx.Rngs(cfg.seed + 4)))
+    else:
+        dit, text = init
     graphdef, params = nnx.split((dit, text))
     opt = _optimizer(weight_decay=0.0)
     opt_state = opt.init(params)
     ema = params
     rope = rope_tables(dit_cfg.head_dim, dit_cfg.rope_max_pos, dit_cfg.rope_theta)
     data, ids_d, mask_d = jnp.asarray(latents, jnp.float32), jnp.asarray(ids), jnp.asarray(mask)
-    n, f = latents.shape[:2]
-    num_chunks = f // chunk_frames
+    n = latents.shape[0]
 
-    def loss_fn(params, x0, ids, mask, key):
-        model, encoder = nnx.merge(graphdef, params)
-        k1, k2, k3, k4 = jax.random.split(key, 4)
-        b = x0.shape[0]
-        sig = jnp.repeat(sample_sigmas(k1, b, num_chunks), chunk_frames, axis=1)  # [B, F]
-        noise = jax.random.normal(k2, x0.shape)
-        s = sig[:, :, None, None, None]
-        x_t = (1 - s) * x0 + s * noise
-        aug = jax.random.uniform(k3, (b, 1, 1, 1, 1), maxval=cfg.context_aug)
-        clean = x0 + aug * jax.random.normal(k4, x0.shape)
-        context = encoder(ids, mask)
-        flow = teacher_forcing_flow(model, clean, x_t, sig * 1000.0, context, rope, chunk_frames)
-        return jnp.mean(jnp.square(flow - (noise - x0)))
+    def make_step(batch: int, frames: int):
+        num_chunks = frames // chunk_frames
 
-    @jax.jit
-    def step(params, opt_state, ema, data, ids_d, mask_d, key, lr):
-        k1, k2 = jax.random.split(key)
-        idx = jax.random.randint(k1, (cfg.dit_batch,), 0, n)
-        loss, grads = jax.value_and_grad(loss_fn)(params, data[idx], ids_d[idx], mask_d[idx], k2)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-        ema = jax.tree.map(lambda e, p: cfg.ema * e + (1 - cfg.ema) * p, ema, params)
-        return params, opt_state, ema, loss
+        def loss_fn(params, x0, ids, mask, key):
+            model, encoder = nnx.merge(graphdef, params)
+            k1, k2, k3, k4 = jax.random.split(key, 4)
+            b = x0.shape[0]
+            sig = jnp.repeat(sample_sigmas(k1, b, num_chunks), chunk_frames, axis=1)  # [B, F]
+            noise = jax.random.normal(k2, x0.shape)
+            s = sig[:, :, None, None, None]
+            x_t = (1 - s) * x0 + s * noise
+            aug = jax.random.uniform(k3, (b, 1, 1, 1, 1), maxval=cfg.context_aug)
+            clean = x0 + aug * jax.random.normal(k4, x0.shape)
+            context = encoder(ids, mask)
+            flow = teacher_forcing_flow(model, clean, x_t, sig * 1000.0, context, rope, chunk_frames)
+            return jnp.mean(jnp.square(flow - (noise - x0)))
 
-    key = jax.random.PRNGKey(cfg.seed + 30)
-    budget, history, running, i = _Budget(cfg.dit_steps, cfg.dit_seconds), [], [], 0
-    warmup = min(cfg.warmup, cfg.dit_steps // 10 + 1)
-    while i < budget.total:
-        params, opt_state, ema, loss = step(params, opt_state, ema, data, ids_d, mask_d, jax.random.fold_in(key, i),
-                                            _lr(i, budget.total, cfg.dit_lr, warmup))
-        budget.update(i, loss)
-        running.append(loss)
-        if i % cfg.log_every == 0 or i == budget.total - 1:
-            mean = float(jnp.mean(jnp.stack(running)))
-            running = []
-            history.append(dict(step=i, loss=mean, seconds=round(budget.elapsed(), 1)))
-            log(f"dit {i:6d}/{budget.total} loss {mean:.4f} ({budget.elapsed():.1f} s)")
-        i += 1
-    if i < 1 / (1 - cfg.ema):  # too few steps for the EMA to have moved: keep the raw weights
+        @jax.jit
+        def step(params, opt_state, ema, data, ids_d, mask_d, key, lr):
+            k1, k2 = jax.random.split(key)
+            idx = jax.random.randint(k1, (batch,), 0, n)
+            loss, grads = jax.value_and_grad(loss_fn)(params, data[idx, :frames], ids_d[idx], mask_d[idx], k2)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+            ema = jax.tree.map(lambda e, p: cfg.ema * e + (1 - cfg.ema) * p, ema, params)
+            return params, opt_state, ema, loss
+
+        return step
+
+    phases = []
+    if cfg.first_chunk_steps:
+        phases.append(("first-chunk", cfg.first_chunk_steps, cfg.first_chunk_seconds, cfg.first_chunk_batch,
+                       chunk_frames, cfg.seed + 31))
+    phases.append(("dit", cfg.dit_steps, cfg.dit_seconds, cfg.dit_batch, latents.shape[1], cfg.seed + 30))
+    record, total_steps = {}, 0
+    for name, steps, seconds, batch, frames, seed in phases:
+        step = make_step(batch, frames)
+        key = jax.random.PRNGKey(seed)
+        budget, history, running, i = _Budget(steps, seconds), [], [], 0
+        warmup = min(cfg.warmup, steps // 10 + 1)
+        while i < budget.total:
+            params, opt_state, ema, loss = step(params, opt_state, ema, data, ids_d, mask_d,
+                                                jax.random.fold_in(key, i), _lr(i, budget.total, cfg.dit_lr, warmup))
+            budget.update(i, loss)
+            running.append(loss)
+            if i % cfg.log_every == 0 or i == budget.total - 1:
+                mean = float(jnp.mean(jnp.stack(running)))
+                running = []
+                history.append(dict(step=i, loss=mean, seconds=round(budget.elapsed(), 1)))
+                log(f"{name} {i:6d}/{budget.total} loss {mean:.4f} ({budget.elapsed():.1f} s)")
+            i += 1
+        total_steps += i
+        record[name] = dict(steps=i, batch=batch, latent_frames=frames, seconds=round(budget.elapsed(), 1),
+                            history=history)
+    if total_steps < 1 / (1 - cfg.ema):  # too few steps for the EMA to have moved: keep the raw weights
         ema = params
     dit, text = nnx.merge(graphdef, ema)
-    return dit, text, dict(steps=i, seconds=round(budget.elapsed(), 1), history=history)
+    out = dict(record["dit"])
+    if "first-chunk" in record:
+        out["first_chunk"] = record["first-chunk"]
+    return dit, text, out
+
+
+def load_dit_and_text(folder: str | Path, dit_cfg: WanConfig, text_cfg: UMT5Config):
+    """The DiT and text encoder of a model folder, to continue training them (--init-from)."""
+    from dfjax.model_io import load_params
+    from dfjax.params import abstract_params, assign_params
+
+    out = []
+    for name, make in (("transformer", lambda: WanDiT(dit_cfg, nnx.Rngs(0))),
+                       ("text_encoder", lambda: UMT5Encoder(text_cfg, nnx.Rngs(0)))):
+        out.append(assign_params(nnx.eval_shape(make), load_params(folder, name, abstract_params(make))))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- the model folder
@@ -533,7 +587,9 @@ def _plain(cfg) -> dict:
 
 
 def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = None,
-          tokenizer_dir: str | Path | None = None, preview: str | Path | None = None) -> Path:
+          tokenizer_dir: str | Path | None = None, preview: str | Path | None = None,
+          save_vae: str | Path | None = None, vae_from: str | Path | None = None,
+          init_from: str | Path | None = None) -> Path:
     """The whole run; writes the model folder `out` (atomically) and returns its path.
 
     tokenizer_dir: a tokenizer folder made before (by build_tokenizer with the same seed) instead of a new one.
@@ -563,7 +619,11 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
 
         cpu = jax.default_backend() == "cpu"
         with cpu_friendly_convs(cpu):
-            vae, vae_rec = train_vae(cfg, vae_cfg, videos[:cfg.vae_clips], log)
+            if vae_from:  # a VAE saved by an earlier run (--save-vae): its weights, this run's latent statistics
+                vae, vae_rec = load_full_vae(vae_from, vae_cfg), {"from": str(vae_from)}
+                log(f"vae: loaded {vae_from}")
+            else:
+                vae, vae_rec = train_vae(cfg, vae_cfg, videos[:cfg.vae_clips], log)
             t0 = time.perf_counter()
             raw = encode_dataset(vae, videos, batch=8 if cpu else 64)
         mean, std = latent_stats(raw)
@@ -572,6 +632,8 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
         log(f"latents: {latents.shape} in {time.perf_counter() - t0:.1f} s; global std {std[0]:.3f}, "
             f"per-channel std after normalising {np.round(latents.reshape(-1, latents.shape[-1]).std(0), 2).tolist()}")
         vae = _with_config(vae, vae_cfg)
+        if save_vae:  # the whole VAE, encoder included (the model folder keeps the decoder only)
+            np.savez(save_vae, config=json.dumps(_plain(vae_cfg)), **to_numpy(flat_state(vae)))
         with cpu_friendly_convs(cpu):
             vae_rec["heldout_psnr"] = reconstruction_psnr(vae, cfg, synth, num=8 if cpu else 32)
         log(f"vae: held-out reconstruction PSNR {vae_rec['heldout_psnr']:.2f} dB")
@@ -581,7 +643,10 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
             left = cfg.deadline - (time.perf_counter() - t_start) - (60.0 if preview else 30.0)  # to save (+ preview)
             cfg = dataclasses.replace(cfg, dit_seconds=max(10.0, min(cfg.dit_seconds or left, left)))
             log(f"dit: time budget {cfg.dit_seconds:.0f} s")
-        dit, text, dit_rec = train_dit(cfg, dit_cfg, text_cfg, latents, ids, mask, log=log)
+        init = load_dit_and_text(init_from, dit_cfg, text_cfg) if init_from else None
+        dit, text, dit_rec = train_dit(cfg, dit_cfg, text_cfg, latents, ids, mask, log=log, init=init)
+        if init_from:
+            dit_rec["init_from"] = str(init_from)
         training = dict(config=dataclasses.asdict(cfg), device=str(jax.devices()[0].device_kind),
                         backend=jax.default_backend(), jax=jax.__version__, vae=vae_rec, dit=dit_rec,
                         seconds=round(time.perf_counter() - t_start, 1))
@@ -760,6 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write (replaced if it exists)")
     p.add_argument("--tar", help="also pack the folder into this .tar file")
     p.add_argument("--preview", help="also save a few generated held-out videos to this .npz")
+    p.add_argument("--save-vae", help="also save the whole trained VAE (with its encoder) to this .npz")
+    p.add_argument("--vae-from", help="skip VAE training: take the VAE saved by an earlier run's --save-vae")
+    p.add_argument("--init-from", help="start the DiT and text encoder from this model folder's weights (the same "
+                                       "size and tokenizer)")
     p.add_argument("--tokenizer", help="use this tokenizer folder (from an earlier run) instead of training one")
     p.add_argument("--media", metavar="DIR", help="after training, write DIR/demo.gif and DIR/demo_strip.png")
     p.add_argument("--finalize", metavar="RAW", help="only turn a run's npz output (no orbax there) into a model "
@@ -780,7 +849,8 @@ def main(argv=None) -> int:
         print(f"wrote {finalize_raw(a.finalize, a.out)}")
         return 0
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
-    path = train(cfg, a.out, log=lambda s: print(s, flush=True), tokenizer_dir=a.tokenizer, preview=a.preview)
+    path = train(cfg, a.out, log=lambda s: print(s, flush=True), tokenizer_dir=a.tokenizer, preview=a.preview,
+                 save_vae=a.save_vae, vae_from=a.vae_from, init_from=a.init_from)
     if a.eval_samplers:
         res = evaluate_samplers(path, num=a.eval_samplers, log=lambda s: print(s, flush=True))
         meta_path = Path(path) / "config.json"

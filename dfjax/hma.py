@@ -39,18 +39,28 @@ def plan_layout(plan: HeadPlan, tokens_per_frame: int, chunk_frames: int) -> Att
     return AttentionLayout(tuple(layers), tokens_per_frame, chunk_frames)
 
 
-def permute_heads(model: nnx.Module, plan: HeadPlan) -> None:
-    """Reorders each block's self-attention heads (in place) by plan.permutation."""
+def permute_heads(model: nnx.Module, permutation) -> None:
+    """Reorders each block's self-attention heads (in place): permuted head j of layer l is original
+    head permutation[l, j]. permutation may be traced ([L, H] int32), so one compiled program serves
+    every plan (see `permuted_params`)."""
     d = model.cfg.head_dim
-    for blk, perm in zip(model.blocks, plan.permutation):
+    permutation = jnp.asarray(permutation, jnp.int32)
+    for blk, perm in zip(model.blocks, permutation):
         attn = blk.self_attn
-        cols = (np.asarray(perm)[:, None] * d + np.arange(d)[None, :]).reshape(-1)
+        cols = (perm[:, None] * d + jnp.arange(d)[None, :]).reshape(-1)
         for lin in (attn.q, attn.k, attn.v):
             lin.kernel.set_value(lin.kernel[...][:, cols])
             lin.bias.set_value(lin.bias[...][cols])
         attn.norm_q.set_value(attn.norm_q[...][cols])
         attn.norm_k.set_value(attn.norm_k[...][cols])
         attn.o.kernel.set_value(attn.o.kernel[...][cols, :])
+
+
+def permuted_params(graphdef, params, permutation):
+    """A model's parameters with its heads permuted (pure; jit it with a traced permutation)."""
+    model = nnx.merge(graphdef, params)
+    permute_heads(model, permutation)
+    return nnx.split(model)[1]
 
 
 def transition_cache(cache_a, layout_a: AttentionLayout, layout_b: AttentionLayout, plan: HeadPlan,

@@ -149,6 +149,9 @@ class Generator:
                 self.plan = self.placement.adjust_plan(self.plan)
         self._text_kv = self.placement.jit(lambda params, ctx: nnx.merge(self.graphdef, params).text_kv(ctx),
                                            out_shardings=self.placement.text_kv_shardings)
+        # one compiled program for every plan: the permutation is a traced argument
+        self._permute = self.placement.jit(functools.partial(hma.permuted_params, self.graphdef),
+                                           out_shardings=lambda: self.placement.param_shardings(self.params))
         self._steps = {}
         self._compiled = {}
         self._score_fns = {}
@@ -214,10 +217,7 @@ class Generator:
                         hma.transition_cache, static_argnums=(1, 2, 3, 4),
                         out_shardings=lambda: self.placement.cache_shardings(layout_b))
                 cache = self._transitions[layout_b](cache, layout, layout_b, plan, c)
-                model = nnx.merge(self.graphdef, params, copy=True)  # keep self.params unpermuted
-                hma.permute_heads(model, plan)
-                _, params = nnx.split(model)
-                params = self.placement.put_params(params)
+                params = self._permute(self.params, jnp.asarray(plan.permutation, jnp.int32))
                 layout = layout_b
 
     def score_and_plan(self, params, text_kv, cache, x0, chunk, layout) -> HeadPlan:

@@ -57,7 +57,7 @@ def test_permuted_model_gives_the_same_output(models):
     _, model = models
     plan = a_plan()
     permuted = nnx.merge(*nnx.split(model), copy=True)
-    hma.permute_heads(permuted, plan)
+    hma.permute_heads(permuted, plan.permutation)
     layout = AttentionLayout.uniform(CFG.num_layers, CFG.num_heads, 0, 4, TPF, 4)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 4, 6, CFG.in_channels))
     t = jnp.full((1, 4), 500.0)

@@ -64,8 +64,11 @@ class Linear(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        # The matmul accumulates in fp32 on every backend but writes `dtype`: an fp32 output would be
+        # written to memory and read back by the bias/activation fusion (twice the bytes), and the
+        # bias (and GELU) can then fold into the GEMM's epilogue.
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=self.dtype)
+        return y + self.bias[...].astype(self.dtype)
 
 
 def norm_param(dim, cfg: WanConfig, value=1.0, shape=None):

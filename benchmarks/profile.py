@@ -31,7 +31,8 @@ from dfjax.config import WanConfig  # noqa: E402
 from dfjax.model.transformer import WanDiT  # noqa: E402
 from dfjax.pipeline import Generator  # noqa: E402
 
-KINDS = (("attention", ("cudnn", "flash", "fmha", "paf", "attention")),
+KINDS = (("conv", ("fprop_implicit_gemm", "conv", "nchwtonhwc", "nhwctonchw")),
+         ("attention", ("cudnn", "flash", "fmha", "paf", "attention")),
          ("matmul", ("gemm", "cutlass", "sm90", "xmma", "matmul", "dot")),
          ("copy", ("memcpy", "memset", "copy", "dynamic_update_slice", "dynamic-update-slice")),
          ("fusion", ("fusion", "loop_", "input_", "reduce", "triton")))

@@ -74,8 +74,14 @@ def base_layout(model_cfg, run: RunConfig) -> AttentionLayout:
     return AttentionLayout.uniform(model_cfg.num_layers, model_cfg.num_heads, sink, window, tpf, cf)
 
 
-def _chunk_step(graphdef, params, text_kv, cache, key, chunk, *, layout, shape, schedule, rope, impl):
-    """All forwards of one chunk: returns (x0 of the last denoising step, cache after the refresh)."""
+def _chunk_step(graphdef, params, text_kv, cache, key, chunk, score_rows=None, *, layout, shape, schedule, rope,
+                impl, score=None):
+    """All forwards of one chunk: returns (x0 of the last denoising step, cache after the refresh, scores).
+
+    score: None, or Dummy Forcing's (key order, scored chunk): the cache-refresh forward of that chunk
+    also returns the frame attention scores [layers, heads, 3] of the query rows score_rows (zeros
+    at every other chunk). scores is None without it.
+    """
     model = nnx.merge(graphdef, params)
     timesteps, sigmas, next_sigmas = schedule
     n = sigmas.shape[0]
@@ -85,27 +91,27 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, *, layout, shape, 
     frame_start = chunk * cf
     key = jax.random.fold_in(key, chunk)
     x = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+    cfg = model.cfg
+    scores = None if score is None else jnp.zeros((cfg.num_layers, cfg.num_heads, 3), jnp.float32)
 
     def body(i, carry):
-        x, x0, cache = carry
+        x, x0, cache, scores = carry
         t = jnp.full((shape[0], cf), timesteps[i], jnp.float32)
-        flow, cache, _ = model(x, t, text_kv, cache, layout, rope, frame_start, is_refresh=i == n, impl=impl)
+        score_kw = {}
+        if score is not None:
+            score_kw = dict(score_order=np.asarray(score[0]), score_rows=score_rows,
+                            score_now=(i == n) & (chunk == score[1]))
+        flow, cache, s = model(x, t, text_kv, cache, layout, rope, frame_start, is_refresh=i == n, impl=impl,
+                               **score_kw)
+        if score is not None:
+            scores = jnp.where(score_kw["score_now"], s, scores)
         x0 = jnp.where(i < n, x - sig[i] * flow, x0)
         noise = jax.random.normal(jax.random.fold_in(key, i + 1), shape, jnp.float32)
         x = (1 - nxt[i]) * x0 + nxt[i] * noise  # fresh noise at every step (Self Forcing)
-        return x, x0, cache
+        return x, x0, cache, scores
 
-    _, x0, cache = jax.lax.fori_loop(0, n + 1, body, (x, x, cache))
-    return x0, cache
-
-
-def _refresh_scores(graphdef, params, text_kv, cache, x0, chunk, rows, *, layout, order, rope, impl, context_noise):
-    """Dummy Forcing's scores: the cache-refresh forward of `chunk` again, with the scores collected."""
-    model = nnx.merge(graphdef, params)
-    t = jnp.full(x0.shape[:2], context_noise, jnp.float32)
-    _, _, scores = model(x0, t, text_kv, cache, layout, rope, chunk * x0.shape[1], is_refresh=True, impl=impl,
-                         score_order=order, score_rows=rows)
-    return scores
+    _, x0, cache, scores = jax.lax.fori_loop(0, n + 1, body, (x, x, cache, scores))
+    return x0, cache, scores
 
 
 @dataclass
@@ -154,13 +160,12 @@ class Generator:
                                            out_shardings=lambda: self.placement.param_shardings(self.params))
         self._steps = {}
         self._compiled = {}
-        self._score_fns = {}
         self._transitions = {}
         self.compile_s = 0.0  # seconds spent compiling steps (ahead of time, outside the timed runs)
 
     # -- compiled pieces ----------------------------------------------------------------------------
-    def _step(self, layout: AttentionLayout):
-        if layout not in self._steps:
+    def _step(self, layout: AttentionLayout, score=None):
+        if (layout, score) not in self._steps:
             name = f"step{len(self._steps)}"
 
             def step(*args, **kw):
@@ -168,21 +173,31 @@ class Generator:
                 return _chunk_step(self.graphdef, *args, **kw)
 
             shardings = lambda: self.placement.step_shardings(self.params, layout, self.shape)
-            self._steps[layout] = self.placement.jit(
+            self._steps[layout, score] = self.placement.jit(
                 functools.partial(step, layout=layout, shape=self.shape, schedule=self.schedule, rope=self.rope,
-                                  impl=self.attn_impl),
+                                  impl=self.attn_impl, score=score),
                 in_shardings=lambda: shardings()[0], out_shardings=lambda: shardings()[1],
                 donate_argnames=("cache",),
             )
-        return self._steps[layout]
+        return self._steps[layout, score]
 
-    def _run_step(self, layout: AttentionLayout, *args):
+    def _run_step(self, layout: AttentionLayout, *args, score=None):
         """Runs a chunk step; the first use of a layout compiles it ahead of time (timed into compile_s)."""
-        if layout not in self._compiled:
+        if (layout, score) not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[layout] = self._step(layout).lower(*args).compile()
+            self._compiled[layout, score] = self._step(layout, score).lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
-        return self._compiled[layout](*args)
+        return self._compiled[layout, score](*args)
+
+    def _scoring(self, layout: AttentionLayout):
+        """(score, rows) of the warm-up steps when the plan comes from online scores: the scored chunk's
+        key order and index (static) and the sampled query rows per layer (seeded, same every video)."""
+        cfg, d = self.model.cfg, self.run.dummy
+        score = (tuple(hma.score_key_order(layout, d.ar_start).tolist()), d.ar_start)
+        sampling = QueryRowSampling(d.query_rows, d.query_fraction)
+        lq = layout.tokens_per_frame * layout.chunk_frames
+        per_layer = [sampling.rows(lq, layout.tokens_per_frame, (d.seed, i)) for i in range(cfg.num_layers)]
+        return score, (None if per_layer[0] is None else jnp.asarray(np.stack(per_layer)))
 
     def text_kv(self, context):
         """Cross-attention K/V of a text context [B, Lt, text_dim]; compute once per prompt batch."""
@@ -204,12 +219,14 @@ class Generator:
         cache = self.placement.init_cache(layout, self.cache_dtype)
         d = self.run.dummy
         plan = self.plan
+        scoring = d is not None and plan is None and d.ar_start + 1 < self.run.num_chunks
+        score, rows = self._scoring(layout) if scoring else (None, None)
         for c in range(self.run.num_chunks):
-            x0, cache = self._run_step(layout, params, text_kv, cache, key, jnp.int32(c))
+            x0, cache, scores = self._run_step(layout, params, text_kv, cache, key, jnp.int32(c), rows, score=score)
             yield ChunkResult(c, x0)
             if d is not None and c == d.ar_start and c + 1 < self.run.num_chunks:
-                if plan is None:
-                    plan = self.score_and_plan(params, text_kv, cache, x0, c, layout)
+                if plan is None:  # the one host sync of a video: DHP on this chunk's scores
+                    plan = self.plan_from_scores(np.asarray(scores))
                 self.last_plan = plan
                 layout_b = hma.plan_layout(plan, layout.tokens_per_frame, layout.chunk_frames)
                 if layout_b not in self._transitions:  # jitted once per plan layout, not per video
@@ -218,40 +235,29 @@ class Generator:
                         out_shardings=lambda: self.placement.cache_shardings(layout_b))
                 cache = self._transitions[layout_b](cache, layout, layout_b, plan, c)
                 params = self._permute(self.params, jnp.asarray(plan.permutation, jnp.int32))
-                layout = layout_b
+                layout, score, rows = layout_b, None, None
 
-    def score_and_plan(self, params, text_kv, cache, x0, chunk, layout) -> HeadPlan:
-        """Scores the refresh forward of `chunk` and solves DHP on the host (one sync per video)."""
+    def plan_from_scores(self, scores: np.ndarray) -> HeadPlan:
+        """DHP on the host from one video's frame attention scores [layers, heads, 3]."""
         cfg, d = self.model.cfg, self.run.dummy
-        self.scores = self._scores(params, text_kv, cache, x0, chunk, layout)
-        plan = HeadPlan.from_scores(self.scores, d.dummy_count(cfg.num_layers, cfg.num_heads), normalize=d.normalize,
+        self.scores = scores
+        plan = HeadPlan.from_scores(scores, d.dummy_count(cfg.num_layers, cfg.num_heads), normalize=d.normalize,
                                     local_context_length=d.local_context_length, packed_dummy=d.packed_dummy)
         return self.placement.adjust_plan(plan)
 
-    def _scores(self, params, text_kv, cache, x0, chunk, layout) -> np.ndarray:
-        cfg, d = self.model.cfg, self.run.dummy
-        lq = layout.tokens_per_frame * layout.chunk_frames
-        sampling = QueryRowSampling(d.query_rows, d.query_fraction)
-        per_layer = [sampling.rows(lq, layout.tokens_per_frame, (d.seed, i)) for i in range(cfg.num_layers)]
-        rows = None if per_layer[0] is None else jnp.asarray(np.stack(per_layer))
-        if (layout, chunk) not in self._score_fns:  # jitted once per Generator, not per video
-            order = hma.score_key_order(layout, chunk)
-            self._score_fns[layout, chunk] = jax.jit(functools.partial(
-                _refresh_scores, self.graphdef, layout=layout, order=order, rope=self.rope, impl=self.attn_impl,
-                context_noise=self.run.sampling.context_noise))
-        return np.asarray(self._score_fns[layout, chunk](params, text_kv, cache, x0, jnp.int32(chunk), rows))
-
     def calibration_scores(self, text_kv, seed: int) -> np.ndarray:
-        """Frame attention scores of one prompt: the warm-up chunks up to ar_start, then its scored refresh."""
+        """Frame attention scores of one prompt: the warm-up chunks up to ar_start, with its refresh scored."""
         d = self.run.dummy
         if d is None or d.ar_start >= self.run.num_chunks - 1:
             raise ValueError("calibration needs Dummy Forcing and a video longer than ar_start + 1 chunks.")
         layout = self.first_layout()
         cache = self.placement.init_cache(layout, self.cache_dtype)
         key = jax.random.PRNGKey(seed)
+        score, rows = self._scoring(layout)
         for c in range(d.ar_start + 1):
-            x0, cache = self._run_step(layout, self.params, text_kv, cache, key, jnp.int32(c))
-        return self._scores(self.params, text_kv, cache, x0, d.ar_start, layout)
+            _, cache, scores = self._run_step(layout, self.params, text_kv, cache, key, jnp.int32(c), rows,
+                                              score=score)
+        return np.asarray(scores)
 
     def generate(self, context, seed: int = 0) -> jax.Array:
         """All latents [B, F, h, w, C] of one video batch."""

@@ -524,11 +524,12 @@ class Placement:
         return jax.jit(fn, **kw)
 
     def step_shardings(self, params, layout: AttentionLayout, latent_shape):
-        """(in, out) shardings of a chunk step (params, text_kv, cache, key, chunk) -> (x0, cache)."""
+        """(in, out) shardings of a chunk step (params, text_kv, cache, key, chunk, score_rows) ->
+        (x0, cache, scores); score rows and scores (or None) are replicated."""
         rep = replicated(self.mesh)
         cache = self.cache_shardings(layout)
-        ins = (self.param_shardings(params), self.text_kv_shardings(), cache, rep, rep)
-        return ins, (self.latent_sharding(latent_shape), cache)
+        ins = (self.param_shardings(params), self.text_kv_shardings(), cache, rep, rep, rep)
+        return ins, (self.latent_sharding(latent_shape), cache, rep)
 
     # -- choices the mesh constrains ---------------------------------------------------------------
     def adjust_plan(self, plan: HeadPlan | None) -> HeadPlan | None:

@@ -327,7 +327,7 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
         report["baseline"][name] = {"max_abs_diff": float(np.max(np.abs(np.asarray(out) - ref))),
                                     "out_spec": str(out.sharding.spec)}
         if name == "1x8":
-            (layout, compiled), = g._compiled.items()
+            ((layout, _), compiled), = g._compiled.items()
             report["cache_gathers"]["baseline"] = gathers(compiled, capacities(layout))
 
     # Dummy Forcing with a plan whose groups split over 8: layer 0 groups (8, 8), layer 1 (16, 0)
@@ -349,7 +349,7 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
             continue
         t = mesh.shape["tensor"]
         caches = {}
-        for kind, (layout, compiled) in zip(("warmup", "plan"), g._compiled.items()):
+        for kind, ((layout, _), compiled) in zip(("warmup", "plan"), g._compiled.items()):
             leaves = []
             cache_in = jax.tree.leaves(compiled.input_shardings[0][2])
             cache_out = jax.tree.leaves(compiled.output_shardings[1])
@@ -387,7 +387,7 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
     layout = hma.plan_layout(paper, 6, 2)
     rep = jax.sharding.NamedSharding(meshes["1x8"], P())
     args = (pg.params, pg.text_kv(ctx), pg.placement.init_cache(layout, jnp.float32),
-            jax.device_put(jax.random.PRNGKey(0), rep), jax.device_put(jnp.int32(1), rep))
+            jax.device_put(jax.random.PRNGKey(0), rep), jax.device_put(jnp.int32(1), rep), None)
     compiled = pg._step(layout).lower(*args).compile()
     report["cache_gathers"]["plan_paper"] = gathers(compiled, capacities(layout))
 

@@ -73,15 +73,17 @@ def frame_attention_scores(
     neighbour = ~sink & ~current
     group_of_key = jnp.stack([sink, neighbour, current], axis=-1).astype(jnp.float32)  # [Lk, 3]
 
-    q0 = jnp.asarray(q[0], jnp.float32)
-    k0 = jnp.asarray(k[0], jnp.float32)
+    q0, k0 = jnp.asarray(q[0]), jnp.asarray(k[0])
     scale = 1.0 / math.sqrt(head_dim)
-    # HIGHEST: keep fp32 logits on GPUs too (TF32 would blur near-tied heads); one forward, cheap.
+    # Exact fp32 logits: bf16 (or f16) products are exact in fp32, so the tensor cores' fp32
+    # accumulation suffices; fp32 inputs need HIGHEST (TF32 would blur near-tied heads).
     precision = jax.lax.Precision.HIGHEST
+    logit_precision = precision if jnp.float32 in (q0.dtype, k0.dtype) else None
 
     def block_mass(args):
         index, weight = args
-        logits = jnp.einsum("bhd,khd->hbk", q0[index], k0, precision=precision) * scale
+        logits = jnp.einsum("bhd,khd->hbk", q0[index], k0, precision=logit_precision,
+                            preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
         mass = jnp.einsum("hbk,kg->hbg", probs, group_of_key, precision=precision)
         return jnp.einsum("hbg,b->hg", mass, weight)

@@ -101,7 +101,7 @@ class SelfAttention(Attention):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(self, x, cos, sin, layer_cache, layer_layout, frame_start, is_refresh, tokens_per_frame, impl,
-                 score_order=None, score_rows=None):
+                 score_order=None, score_rows=None, score_now=None):
         b, l, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         num_frames = l // tokens_per_frame
@@ -116,8 +116,12 @@ class SelfAttention(Attention):
         out = grouped_attention(q, tuple(groups), impl=impl)
         scores = None
         if score_order is not None:  # Dummy Forcing's frame attention scores, keys in frame order
-            keys = groups[0][0][:, score_order]
-            scores = frame_attention_scores(q, keys, len(score_order), tokens_per_frame, l, score_rows)
+            def score():
+                keys = groups[0][0][:, score_order]
+                return frame_attention_scores(q, keys, len(score_order), tokens_per_frame, l, score_rows)
+
+            no_score = lambda: jnp.zeros((self.cfg.num_heads, 3), jnp.float32)
+            scores = score() if score_now is None else jax.lax.cond(score_now, score, no_score)
         new_cache, h0 = [], 0
         for (ck, cv, _), g in zip(groups, layer_layout):
             sl = slice(h0, h0 + g.num_heads)
@@ -156,7 +160,7 @@ class Block(nnx.Module):
         self.ffn_out = Linear(cfg.ffn_dim, cfg.dim, cfg, rngs)
 
     def __call__(self, x, e0, text_kv, cos, sin, layer_cache, layer_layout, frame_start, is_refresh,
-                 tokens_per_frame, impl, score_order=None, score_rows=None):
+                 tokens_per_frame, impl, score_order=None, score_rows=None, score_now=None):
         """x [B, L, dim] fp32 residual stream; e0 [B, F, 6, dim] per-frame modulation."""
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         b, l, d = x.shape
@@ -167,7 +171,7 @@ class Block(nnx.Module):
 
         h = modulate(layer_norm(x, cfg.eps), 0, 1).reshape(b, l, d).astype(dt)
         y, layer_cache, scores = self.self_attn(h, cos, sin, layer_cache, layer_layout, frame_start, is_refresh,
-                                                tokens_per_frame, impl, score_order, score_rows)
+                                                tokens_per_frame, impl, score_order, score_rows, score_now)
         x = x + (per_frame(y.astype(jnp.float32)) * e[:, :, 2, None]).reshape(b, l, d)
 
         h = layer_norm(x, cfg.eps, self.norm3_weight[...], self.norm3_bias[...]).astype(dt)
@@ -228,12 +232,13 @@ class WanDiT(nnx.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def __call__(self, x, t, text_kv, cache, layout: AttentionLayout, rope: RopeTables, frame_start,
-                 is_refresh=False, impl="auto", score_order=None, score_rows=None):
+                 is_refresh=False, impl="auto", score_order=None, score_rows=None, score_now=None):
         """x [B, F, H, W, C], t [B, F] -> (flow [B, F, H, W, C] fp32, updated cache, scores).
 
         With score_order (token indices of a single-group cache in [sink ; neighbour ; chunk] frame
         order) the call also returns Dummy Forcing's frame attention scores [num_layers, H, 3] for
-        the query rows score_rows [num_layers, R] (None: all rows); otherwise scores is None.
+        the query rows score_rows [num_layers, R] (None: all rows); otherwise scores is None. With
+        score_now (a traced bool) the scores are computed only where it is true, zeros elsewhere.
         """
         cfg = self.cfg
         b, f, h, w, _ = x.shape
@@ -252,7 +257,7 @@ class WanDiT(nnx.Module):
             rows = None if score_rows is None else score_rows[i]
             with jax.named_scope("block"):
                 xs, layer_cache, s = blk(xs, e0, kv, cos, sin, layer_cache, layer_layout, frame_start,
-                                         is_refresh, tpf, impl, score_order, rows)
+                                         is_refresh, tpf, impl, score_order, rows, score_now)
             new_cache.append(layer_cache)
             scores.append(s)
         mod = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]  # [B, F, 2, dim]

@@ -3,7 +3,8 @@
 For each (resolution, mode) a fresh subprocess (so the device's peak memory is that run's) builds
 the 1.3B DiT, the UMT5-XXL encoder and the Wan2.1 VAE with random weights, compiles, warms up and
 times several videos (median and spread): diffusion alone (one sync per video), and end to end
-(text encoding + every chunk + its streaming VAE decode, frames pulled to the host), and the
+(text encoding + every chunk + its streaming VAE decode, frames pulled to the host and written
+to an H.264 mp4 from a thread where PyAV is installed), and the
 streaming VAE decode of one video's latents alone. The attention
 share of diffusion is timed apart by running each layer's attention at every chunk's shapes.
 Prints a table and writes JSON under benchmarks/results/.
@@ -20,9 +21,11 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,7 +127,7 @@ def _attention_seconds(gen, run, runs):
     return total
 
 
-def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
+def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=True) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -135,6 +138,7 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
     from dfjax.hma import cache_nbytes
     from dfjax.model.vae import decode_chunk, init_decoder_cache
     from dfjax.pipeline import Generator
+    from dfjax.video import Mp4Writer
 
     run = _run_config(mode, resolution, frames, tiny, attn_impl)
     progress(mode, resolution, "building random models")
@@ -158,16 +162,27 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
         return jax.block_until_ready(last)
 
     first = {}
+    try:  # end to end includes the H.264 mp4 (streamed from a thread) where PyAV is installed
+        import av  # noqa: F401
+        mp4_dir = tempfile.mkdtemp(prefix="dfjax-bench-")
+    except ImportError:
+        mp4_dir = None
 
     def e2e():
         t0 = time.perf_counter()
         kv = text()
         cache = init_decoder_cache(vae.cfg, 1, h, w)
+        writer = None if mp4_dir is None else Mp4Writer(Path(mp4_dir) / "e2e.mp4", fps=16)
         for r in gen.chunks(kv, seed=0):
             pixels, cache = decode_chunk(vae_graph, vae_state, r.latents, cache)
             frames_u8 = np.asarray(jnp.clip((pixels[0] + 1) * 127.5, 0, 255).astype(jnp.uint8))
+            if writer is not None:
+                writer.write(frames_u8)
             if r.index == 0:
                 first["s"] = time.perf_counter() - t0
+        if writer is not None:
+            writer.close()
+            first["frames_written"] = writer.frames_written
         return frames_u8
 
     t0 = time.perf_counter()
@@ -200,6 +215,8 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
         first_times.append(first["s"])
     progress(f"end to end {e2e_times}")
     stats = jax.devices()[0].memory_stats() or {}
+    if mp4_dir is not None:
+        shutil.rmtree(mp4_dir)
     cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(gen.first_layout(), 1, dit.cfg.head_dim,
                                                                  jnp.bfloat16)))
     if gen.last_plan is not None:  # after the plan: the per-head-type caches
@@ -212,7 +229,8 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
         "runs_timed": runs,
         "diffusion_s": med(diff_times), "diffusion_s_all": diff_times, "diffusion_fps": n / med(diff_times),
         "e2e_s": med(e2e_times), "e2e_s_all": e2e_times, "e2e_fps": n / med(e2e_times),
-        "text_s": med(text_times), "vae_s": med(vae_times), "first_chunk_s": med(first_times),
+        "text_s": med(text_times), "vae_s": med(vae_times),
+        "e2e_includes_mp4": mp4_dir is not None, "mp4_frames": first.get("frames_written"), "first_chunk_s": med(first_times),
         "vae_and_other_s": med(e2e_times) - med(diff_times) - med(text_times),
         "compile_s": compile_s, "compile_text_s": compile_text, "compile_vae_s": compile_vae,
         "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
@@ -220,9 +238,10 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl) -> dict:
         "num_dummy": None if gen.last_plan is None else gen.last_plan.num_dummy,
         "attention_s": None,
     }
-    report(result)  # kept by the parent if the attention timing below runs past the timeout
-    result["attention_s"] = _attention_seconds(gen, run, runs)
-    progress(f"attention share {result['attention_s']:.3f} s")
+    if attention_share:
+        report(result)  # kept by the parent if the attention timing below runs past the timeout
+        result["attention_s"] = _attention_seconds(gen, run, runs)
+        progress(f"attention share {result['attention_s']:.3f} s")
     return result
 
 
@@ -233,11 +252,13 @@ def report(result: dict) -> None:
 def environment() -> dict:
     import jax
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except Exception:
-        commit = os.environ.get("DFJAX_COMMIT", "unknown")
+    commit = os.environ.get("DFJAX_COMMIT")  # set where the checkout travels without its .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except Exception:
+            commit = "unknown"
     import flax
 
     return {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax_version": jax.__version__,
@@ -263,12 +284,13 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64x96 (CPU smoke run)")
+    p.add_argument("--no-attention-share", action="store_true", help="skip timing the attention calls apart")
     p.add_argument("--timeout", type=float, default=900, help="seconds per (mode, resolution) run")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
     p.add_argument("--one", nargs=2, metavar=("MODE", "RES"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl))
+        report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl, not a.no_attention_share))
         return 0
     # children share compiled programs (UMT5, VAE, identical steps) through JAX's persistent cache
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dfjax" / "jax"))
@@ -280,7 +302,8 @@ def main(argv=None) -> int:
     for res in (["tiny"] if a.tiny else a.resolutions):
         for mode in a.modes:
             cmd = [sys.executable, "-m", "dfjax.bench", "--one", mode, res, "--frames", str(a.frames), "--runs",
-                   str(a.runs), "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else [])
+                   str(a.runs), "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else []) + (
+                       ["--no-attention-share"] if a.no_attention_share else [])
             # stderr (progress, errors) streams through; a run past --timeout is killed with its children
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
             try:

@@ -37,10 +37,12 @@ class Mp4Writer:
     partial file is removed and nothing appears under the final name.
     """
 
-    def __init__(self, path: str | Path, fps: float, crf: int = 18):
+    def __init__(self, path: str | Path, fps: float, crf: int = 18, preset: str = "veryfast"):
+        # "veryfast": libx264's default ("medium") took ~1.9 s more for 81 noisy 480P frames than the
+        # whole diffusion on an H100 host; veryfast encodes ~3x faster at about the same size (crf 18).
         self.path = check_writable(path)
         self.tmp = self.path.with_name(f".{self.path.name}.partial.mp4")
-        self.fps, self.crf = fps, crf
+        self.fps, self.crf, self.preset = fps, crf, preset
         self.frames_written = 0
         self.write_s = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=8)
@@ -55,7 +57,7 @@ class Mp4Writer:
         self._container = av.open(str(self.tmp), mode="w")
         stream = self._container.add_stream("libx264", rate=int(round(self.fps)))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(self.crf)}
+        stream.options = {"crf": str(self.crf), "preset": self.preset}
         self._stream = stream
 
     def _run(self):

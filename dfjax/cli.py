@@ -300,13 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_video_options(k)
     k.set_defaults(fn=cmd_calibrate)
 
-    b = sub.add_parser("bench", help="the speed benchmark (see README)")
-    b.add_argument("args", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=lambda a: __import__("dfjax.bench", fromlist=["main"]).main(a.args))
+    for name, (_, text) in TOOLS.items():  # listed in the help; main() hands their arguments over
+        sub.add_parser(name, help=text)
     return p
 
 
+# Commands with their own argument parser: `dfjax NAME ARGS...` is `python -m MODULE ARGS...`.
+TOOLS = {"bench": ("dfjax.bench", "the speed benchmark (see README)"),
+         "train-demo": ("dfjax.train_demo", "train the built-in demo model from scratch"),
+         "fidelity": ("dfjax.fidelity", "what Dummy Forcing changes in the videos (demo model)")}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return __import__(TOOLS[argv[0]][0], fromlist=["main"]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         t0 = time.perf_counter()
@@ -314,7 +322,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # our errors carry the problem and the fix
         print(f"dfjax: error: {e}", file=sys.stderr)
         return 2
-    if getattr(args, "command", "") != "bench" and not getattr(args, "quiet", False):
+    if not getattr(args, "quiet", False):
         print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 

@@ -77,30 +77,8 @@ def profile_mode(mode, resolution, frames, tiny, attn_impl, out: Path, top: int)
     gen = Generator(WanDiT(cfg, nnx.Rngs(0)), run)
     context = jax.random.normal(jax.random.PRNGKey(1), (1, 512, cfg.text_dim), jnp.float32).astype(cfg.dtype)
     kv = gen.text_kv(context)
-
-    def video(sync_each=False):
-        times, t0 = [], time.perf_counter()
-        for r in gen.chunks(kv, seed=0):
-            if sync_each:
-                jax.block_until_ready(r.latents)
-                times.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-        jax.block_until_ready(r.latents)
-        return times
-
-    t0 = time.perf_counter()
-    video()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    video()
-    warm = time.perf_counter() - t0
-    chunk_s = video(sync_each=True)
-    trace_dir = out / f"trace-{mode}"
-    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-        video()
-    prof = summarise(device_kernels(trace_dir), top)
-    return {"mode": mode, "resolution": resolution, "frames": frames, "first_video_s": first,
-            "compile_s": gen.compile_s, "video_s": warm, "chunk_s": chunk_s, "profile": prof}
+    r = measure(lambda: (c.latents for c in gen.chunks(kv, seed=0)), out / f"trace-{mode}", top)
+    return {"mode": mode, "resolution": resolution, "frames": frames, "compile_s": gen.compile_s, **r}
 
 
 def profile_vae(resolution, frames, tiny, out: Path, top: int) -> dict:
@@ -114,30 +92,42 @@ def profile_vae(resolution, frames, tiny, out: Path, top: int) -> dict:
     cf = run.sampling.chunk_frames
     z = jax.random.normal(jax.random.PRNGKey(0), (1, run.video.latent_frames, h, w, cfg.z_dim), jnp.float32)
 
-    def video(sync_each=False):
-        times, t0 = [], time.perf_counter()
+    def video():
         cache = init_decoder_cache(cfg, 1, h, w)
         for c in range(run.num_chunks):
             pixels, cache = decode_chunk(graphdef, state, z[:, c * cf:(c + 1) * cf], cache)
+            yield pixels
+
+    r = measure(video, out / "trace-vae", top)
+    return {"mode": "vae", "resolution": resolution, "frames": frames, "compile_s": r["first_video_s"] - r["video_s"],
+            **r}
+
+
+def measure(video, trace_dir: Path, top: int) -> dict:
+    """video() yields one device array per chunk. Times a first (compiling) and a warm video, then each
+    chunk with a sync after it, then profiles one more video."""
+
+    def run(sync_each=False):
+        times, t0 = [], time.perf_counter()
+        for last in video():
             if sync_each:
-                jax.block_until_ready(pixels)
+                jax.block_until_ready(last)
                 times.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-        jax.block_until_ready(pixels)
+        jax.block_until_ready(last)
         return times
 
     t0 = time.perf_counter()
-    video()
+    run()
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    video()
+    run()
     warm = time.perf_counter() - t0
-    chunk_s = video(sync_each=True)
-    trace_dir = out / "trace-vae"
+    chunk_s = run(sync_each=True)
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-        video()
-    return {"mode": "vae", "resolution": resolution, "frames": frames, "first_video_s": first, "compile_s": first - warm,
-            "video_s": warm, "chunk_s": chunk_s, "profile": summarise(device_kernels(trace_dir), top)}
+        run()
+    return {"first_video_s": first, "video_s": warm, "chunk_s": chunk_s,
+            "profile": summarise(device_kernels(trace_dir), top)}
 
 
 def main(argv=None) -> int:

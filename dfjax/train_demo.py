@@ -49,7 +49,7 @@ from dfjax.model.text_encoder import UMT5Config, UMT5Encoder
 from dfjax.model.transformer import WanDiT, gelu_tanh, layer_norm
 from dfjax.model.vae import WanVAE, WanVAEConfig
 from dfjax.params import flat_state, to_numpy
-from dfjax.synthetic import BACKGROUND, SyntheticConfig, from_uint8, make_dataset, prompt_corpus
+from dfjax.synthetic import BACKGROUND, SyntheticConfig, make_dataset, prompt_corpus
 
 # ---------------------------------------------------------------- sizes
 

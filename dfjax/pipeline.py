@@ -177,7 +177,7 @@ class Generator:
                 functools.partial(step, layout=layout, shape=self.shape, schedule=self.schedule, rope=self.rope,
                                   impl=self.attn_impl, score=score),
                 in_shardings=lambda: shardings()[0], out_shardings=lambda: shardings()[1],
-                donate_argnames=("cache",),
+                donate_argnums=(2,),  # the cache (by position: `step` takes *args, so a name would not bind)
             )
         return self._steps[layout, score]
 

@@ -46,6 +46,17 @@ def test_same_seed_same_latents_and_one_compile_for_all_chunks():
     assert gen.trace_counts == {"step0": 1}  # 3 chunks x 2 videos, traced once
 
 
+def test_each_chunk_step_updates_the_cache_in_place():
+    """The cache is donated: the step's input buffers are consumed (no copy of the cache per chunk)."""
+    gen = Generator(make_model(), RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla"))
+    kv = gen.text_kv(context())
+    layout = gen.first_layout()
+    cache = gen.placement.init_cache(layout, gen.cache_dtype)
+    _, new_cache, _ = gen._run_step(layout, gen.params, kv, cache, jax.random.PRNGKey(0), np.int32(0), None)
+    assert all(x.is_deleted() for x in jax.tree.leaves(cache))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new_cache))
+
+
 def test_local_cache_runs_and_differs_from_global():
     model = make_model()
     glob = Generator(model, RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla")).generate(context())

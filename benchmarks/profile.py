@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dfjax.bench import _run_config  # noqa: E402
+from dfjax.bench import _run_config, environment  # noqa: E402
 from dfjax.config import WanConfig  # noqa: E402
 from dfjax.model.transformer import WanDiT  # noqa: E402
 from dfjax.pipeline import Generator  # noqa: E402
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     for mode in a.modes:
         r = (profile_vae(a.resolution, a.frames, a.tiny, out, a.top) if mode == "vae" else
              profile_mode(mode, a.resolution, a.frames, a.tiny, a.attn_impl, out, a.top))
-        (out / f"profile-{mode}.json").write_text(json.dumps(r, indent=2))
+        (out / f"profile-{mode}.json").write_text(json.dumps({**environment(), "runs": [r]}, indent=2))
         prof = r["profile"]
         print(f"\n== {mode} {a.resolution}: video {r['video_s']:.3f} s (first {r['first_video_s']:.1f} s, "
               f"compile {r['compile_s']:.1f} s); device kernels {prof['total_s']:.3f} s")

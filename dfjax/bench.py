@@ -3,10 +3,9 @@
 For each (resolution, mode) a fresh subprocess (so the device's peak memory is that run's) builds
 the 1.3B DiT, the UMT5-XXL encoder and the Wan2.1 VAE with random weights, compiles, warms up and
 times several videos (median and spread): diffusion alone (one sync per video), and end to end
-(text encoding + every chunk + its streaming VAE decode, frames pulled to the host and written
-to an H.264 mp4 from a thread where PyAV is installed), and the
-streaming VAE decode of one video's latents alone. The attention
-share of diffusion is timed apart by running each layer's attention at every chunk's shapes.
+(text encoding + every chunk + its streaming VAE decode, frames pulled to the host and written to
+an H.264 mp4 from a thread where PyAV is installed), and the streaming VAE decode alone. The
+attention share of diffusion is timed apart by running each layer's attention at every chunk's shapes.
 Prints a table and writes JSON under benchmarks/results/.
 
     dfjax bench                               # 480p and 720p, all modes, 81 frames
@@ -53,7 +52,6 @@ def _random_models(tiny: bool):
 
     Built eagerly, one small jitted initializer per distinct parameter shape: jitting the whole
     initialisation of the 5.7B-parameter UMT5-XXL made XLA compile for over 4 minutes on the H100.
-    The fast `unsafe_rbg` generator is enough for random weights.
     """
     import jax
     from flax import nnx
@@ -63,7 +61,6 @@ def _random_models(tiny: bool):
     from dfjax.model.transformer import WanDiT
     from dfjax.model.vae import WanVAE, WanVAEConfig
 
-    jax.config.update("jax_default_prng_impl", "unsafe_rbg")
     if tiny:
         cfgs = (WanConfig.tiny(in_channels=16, out_channels=16), UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False))
     else:
@@ -290,6 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("--one", nargs=2, metavar=("MODE", "RES"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
+        import jax
+
+        jax.config.update("jax_default_prng_impl", "unsafe_rbg")  # fast random weights; this process only
         report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl, not a.no_attention_share))
         return 0
     # children share compiled programs (UMT5, VAE, identical steps) through JAX's persistent cache

@@ -164,8 +164,8 @@ class Generator:
         self.compile_s = 0.0  # seconds spent compiling steps (ahead of time, outside the timed runs)
 
     # -- compiled pieces ----------------------------------------------------------------------------
-    def _step(self, layout: AttentionLayout, score=None):
-        if (layout, score) not in self._steps:
+    def _step(self, layout: AttentionLayout, scored: bool = False):
+        if (layout, scored) not in self._steps:
             name = f"step{len(self._steps)}"
 
             def step(*args, **kw):
@@ -173,31 +173,35 @@ class Generator:
                 return _chunk_step(self.graphdef, *args, **kw)
 
             shardings = lambda: self.placement.step_shardings(self.params, layout, self.shape)
-            self._steps[layout, score] = self.placement.jit(
+            # Dummy Forcing's scored refresh: the key order of chunk ar_start, fixed by the layout
+            score = (tuple(hma.score_key_order(layout, self.run.dummy.ar_start).tolist()),
+                     self.run.dummy.ar_start) if scored else None
+            self._steps[layout, scored] = self.placement.jit(
                 functools.partial(step, layout=layout, shape=self.shape, schedule=self.schedule, rope=self.rope,
                                   impl=self.attn_impl, score=score),
                 in_shardings=lambda: shardings()[0], out_shardings=lambda: shardings()[1],
                 donate_argnums=(2,),  # the cache (by position: `step` takes *args, so a name would not bind)
             )
-        return self._steps[layout, score]
+        return self._steps[layout, scored]
 
-    def _run_step(self, layout: AttentionLayout, *args, score=None):
+    def _run_step(self, layout: AttentionLayout, *args, scored: bool = False):
         """Runs a chunk step; the first use of a layout compiles it ahead of time (timed into compile_s)."""
-        if (layout, score) not in self._compiled:
+        if (layout, scored) not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[layout, score] = self._step(layout, score).lower(*args).compile()
+            self._compiled[layout, scored] = self._step(layout, scored).lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
-        return self._compiled[layout, score](*args)
+        return self._compiled[layout, scored](*args)
 
-    def _scoring(self, layout: AttentionLayout):
-        """(score, rows) of the warm-up steps when the plan comes from online scores: the scored chunk's
-        key order and index (static) and the sampled query rows per layer (seeded, same every video)."""
+    @functools.cached_property
+    def _score_rows(self):
+        """The sampled query rows per layer [layers, R] of the scored refresh (seeded: the same for every
+        video, so drawn once), or None for every row."""
         cfg, d = self.model.cfg, self.run.dummy
-        score = (tuple(hma.score_key_order(layout, d.ar_start).tolist()), d.ar_start)
+        layout = self.first_layout()
         sampling = QueryRowSampling(d.query_rows, d.query_fraction)
         lq = layout.tokens_per_frame * layout.chunk_frames
         per_layer = [sampling.rows(lq, layout.tokens_per_frame, (d.seed, i)) for i in range(cfg.num_layers)]
-        return score, (None if per_layer[0] is None else jnp.asarray(np.stack(per_layer)))
+        return None if per_layer[0] is None else jnp.asarray(np.stack(per_layer))
 
     def text_kv(self, context):
         """Cross-attention K/V of a text context [B, Lt, text_dim]; compute once per prompt batch."""
@@ -220,9 +224,10 @@ class Generator:
         d = self.run.dummy
         plan = self.plan
         scoring = d is not None and plan is None and d.ar_start + 1 < self.run.num_chunks
-        score, rows = self._scoring(layout) if scoring else (None, None)
+        rows = self._score_rows if scoring else None
         for c in range(self.run.num_chunks):
-            x0, cache, scores = self._run_step(layout, params, text_kv, cache, key, jnp.int32(c), rows, score=score)
+            x0, cache, scores = self._run_step(layout, params, text_kv, cache, key, jnp.int32(c), rows,
+                                               scored=scoring)
             yield ChunkResult(c, x0)
             if d is not None and c == d.ar_start and c + 1 < self.run.num_chunks:
                 if plan is None:  # the one host sync of a video: DHP on this chunk's scores
@@ -235,7 +240,7 @@ class Generator:
                         out_shardings=lambda: self.placement.cache_shardings(layout_b))
                 cache = self._transitions[layout_b](cache, layout, layout_b, plan, c)
                 params = self._permute(self.params, jnp.asarray(plan.permutation, jnp.int32))
-                layout, score, rows = layout_b, None, None
+                layout, scoring, rows = layout_b, False, None
 
     def plan_from_scores(self, scores: np.ndarray) -> HeadPlan:
         """DHP on the host from one video's frame attention scores [layers, heads, 3]."""
@@ -253,10 +258,9 @@ class Generator:
         layout = self.first_layout()
         cache = self.placement.init_cache(layout, self.cache_dtype)
         key = jax.random.PRNGKey(seed)
-        score, rows = self._scoring(layout)
         for c in range(d.ar_start + 1):
-            _, cache, scores = self._run_step(layout, self.params, text_kv, cache, key, jnp.int32(c), rows,
-                                              score=score)
+            _, cache, scores = self._run_step(layout, self.params, text_kv, cache, key, jnp.int32(c), self._score_rows,
+                                              scored=True)
         return np.asarray(scores)
 
     def generate(self, context, seed: int = 0) -> jax.Array:

@@ -223,7 +223,7 @@ def test_the_compiled_plan_step_gathers_no_heads(models):
     gen = Generator(model, run, plan=a_plan())
     gen.generate(jnp.asarray(context()))
     plan_layout = hma.plan_layout(a_plan(), TPF, CF)
-    hlo = gen._compiled[plan_layout, None].as_text()
+    hlo = gen._compiled[plan_layout, False].as_text()
     assert "gather(" not in hlo and "scatter(" not in hlo
-    warmup_hlo = gen._compiled[gen.first_layout(), None].as_text()
+    warmup_hlo = gen._compiled[gen.first_layout(), False].as_text()
     assert "dynamic-update-slice(" in warmup_hlo  # the check reads real HLO text

@@ -124,7 +124,7 @@ def _attention_seconds(gen, run, runs):
     return total
 
 
-def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=True) -> dict:
+def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=True, mesh_of_one=False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -135,13 +135,16 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     from dfjax.hma import cache_nbytes
     from dfjax.model.vae import decode_chunk, init_decoder_cache
     from dfjax.pipeline import Generator
+    from dfjax.sharding import MeshConfig
     from dfjax.video import Mp4Writer
 
     run = _run_config(mode, resolution, frames, tiny, attn_impl)
     progress(mode, resolution, "building random models")
     dit, t5, vae = _random_models(tiny)
     progress("models ready")
-    gen = Generator(dit, run)
+    # mesh_of_one: the sharded code path (NamedShardings, jit with in/out shardings) on a 1x1 mesh
+    mesh = MeshConfig(data=1, tensor=1).mesh(jax.devices()[:1]) if mesh_of_one else None
+    gen = Generator(dit, run, mesh=mesh)
     t5_graph, t5_state = nnx.split(t5)
     encode = jax.jit(lambda s, ids, mask: nnx.merge(t5_graph, s)(ids, mask))
     ids = jax.random.randint(jax.random.PRNGKey(3), (1, t5.cfg.text_len), 2, t5.cfg.vocab_size, jnp.int32)
@@ -223,6 +226,7 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     n = run.video.frames
     result = {
         "mode": mode, "resolution": resolution if not tiny else "tiny", "frames": n, "attn_impl": attn_impl,
+        "mesh": "1x1" if mesh_of_one else None,
         "runs_timed": runs,
         "diffusion_s": med(diff_times), "diffusion_s_all": diff_times, "diffusion_fps": n / med(diff_times),
         "e2e_s": med(e2e_times), "e2e_s_all": e2e_times, "e2e_fps": n / med(e2e_times),
@@ -282,6 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64x96 (CPU smoke run)")
     p.add_argument("--no-attention-share", action="store_true", help="skip timing the attention calls apart")
+    p.add_argument("--mesh-of-one", action="store_true",
+                   help="run the sharded code path on a data=1 x tensor=1 mesh (compare with the unsharded default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per (mode, resolution) run")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
     p.add_argument("--one", nargs=2, metavar=("MODE", "RES"), help=argparse.SUPPRESS)
@@ -290,7 +296,8 @@ def main(argv=None) -> int:
         import jax
 
         jax.config.update("jax_default_prng_impl", "unsafe_rbg")  # fast random weights; this process only
-        report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl, not a.no_attention_share))
+        report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl, not a.no_attention_share,
+                       a.mesh_of_one))
         return 0
     # children share compiled programs (UMT5, VAE, identical steps) through JAX's persistent cache
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dfjax" / "jax"))
@@ -303,7 +310,8 @@ def main(argv=None) -> int:
         for mode in a.modes:
             cmd = [sys.executable, "-m", "dfjax.bench", "--one", mode, res, "--frames", str(a.frames), "--runs",
                    str(a.runs), "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else []) + (
-                       ["--no-attention-share"] if a.no_attention_share else [])
+                       ["--no-attention-share"] if a.no_attention_share else []) + (
+                       ["--mesh-of-one"] if a.mesh_of_one else [])
             # stderr (progress, errors) streams through; a run past --timeout is killed with its children
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
             try:

@@ -633,6 +633,7 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
             f"per-channel std after normalising {np.round(latents.reshape(-1, latents.shape[-1]).std(0), 2).tolist()}")
         vae = _with_config(vae, vae_cfg)
         if save_vae:  # the whole VAE, encoder included (the model folder keeps the decoder only)
+            Path(save_vae).parent.mkdir(parents=True, exist_ok=True)
             np.savez(save_vae, config=json.dumps(_plain(vae_cfg)), **to_numpy(flat_state(vae)))
         with cpu_friendly_convs(cpu):
             vae_rec["heldout_psnr"] = reconstruction_psnr(vae, cfg, synth, num=8 if cpu else 32)
@@ -641,6 +642,8 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
         del videos
         if cfg.deadline:
             left = cfg.deadline - (time.perf_counter() - t_start) - (60.0 if preview else 30.0)  # to save (+ preview)
+            if cfg.first_chunk_steps:  # the first-chunk phase's own budget comes out of the same deadline
+                left -= cfg.first_chunk_seconds
             cfg = dataclasses.replace(cfg, dit_seconds=max(10.0, min(cfg.dit_seconds or left, left)))
             log(f"dit: time budget {cfg.dit_seconds:.0f} s")
         init = load_dit_and_text(init_from, dit_cfg, text_cfg) if init_from else None

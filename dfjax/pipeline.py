@@ -150,6 +150,9 @@ class Generator:
         if self.run.dummy is not None:
             d = self.run.dummy
             d.dummy_count(cfg.num_layers, cfg.num_heads)  # range check before any work
+            if self.plan is None and d.ar_start < 1:
+                raise ValueError("Dummy Forcing scores the heads on chunk ar_start's attention to earlier chunks; "
+                                 "ar_start=0 has none. Use ar_start >= 1, or pass a calibrated plan (--profile).")
             if self.plan is not None:
                 self.plan.validate(cfg.num_layers, cfg.num_heads)
                 self.plan = self.placement.adjust_plan(self.plan)

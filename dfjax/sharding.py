@@ -459,6 +459,7 @@ class Placement:
     def __init__(self, mesh: Mesh | None, cfg, batch: int, rules: Rules | None = None):
         self.mesh, self.cfg, self.batch = mesh, cfg, batch
         self.rules = rules or Rules()
+        self._cache_makers = {}
         if mesh is None:
             return
         if tuple(mesh.axis_names) != AXES:
@@ -496,8 +497,10 @@ class Placement:
         """Zero caches made directly in their shardings (no full copy on any one device)."""
         if self.mesh is None:
             return init_cache(layout, self.batch, self.cfg.head_dim, dtype)
-        make = lambda: init_cache(layout, self.batch, self.cfg.head_dim, dtype)
-        return jax.jit(make, out_shardings=self.cache_shardings(layout))()
+        if (layout, dtype) not in self._cache_makers:  # jitted once per layout: a new jit per video recompiled
+            make = lambda: init_cache(layout, self.batch, self.cfg.head_dim, dtype)
+            self._cache_makers[layout, dtype] = jax.jit(make, out_shardings=self.cache_shardings(layout))
+        return self._cache_makers[layout, dtype]()
 
     def text_kv_shardings(self):
         return text_kv_shardings(self.cfg, self.batch, self.mesh, self.rules)

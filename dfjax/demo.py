@@ -52,12 +52,12 @@ def demo_model_folder() -> Path:
 
 
 def demo_configs() -> tuple[WanConfig, UMT5Config, WanVAEConfig]:
-    """The shipped model's architecture ("cpu" size of dfjax.train_demo), for the random stand-in."""
+    """The shipped model's architecture ("demo" size of dfjax.train_demo), for the random stand-in."""
     import dataclasses
 
     from dfjax.train_demo import model_configs
 
-    dit, text, vae = model_configs("cpu", vocab_size=56)
+    dit, text, vae = model_configs("demo", vocab_size=56)
     return dit, text, dataclasses.replace(vae, with_encoder=False)
 
 

@@ -106,6 +106,7 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
     import jax
     from flax import nnx
 
+    from dfjax.bench import environment
     from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape, config_from_dict
     from dfjax.demo import demo_model_folder
     from dfjax.dummy import HeadPlan, dummy_overlap
@@ -237,8 +238,8 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
                                  share_min=float(current_share.min()), share_max=float(current_share.max()),
                                  per_layer=(mean_scores[..., 2] > CURRENT_THRESHOLD).sum(1).tolist()),
         mean_scores=mean_scores.round(4).tolist(),
-        overlap=overlap, summary=summary, rows=rows, seconds=round(time.perf_counter() - t0, 1),
-        backend=jax.default_backend(),
+        overlap=overlap, summary=summary, runs=rows, seconds=round(time.perf_counter() - t0, 1),
+        backend=jax.default_backend(), **environment(),
     )
     return result
 

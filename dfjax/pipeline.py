@@ -208,6 +208,9 @@ class Generator:
 
     def text_kv(self, context):
         """Cross-attention K/V of a text context [B, Lt, text_dim]; compute once per prompt batch."""
+        if context.shape[0] != self.batch:
+            raise ValueError(f"a text context of {context.shape[0]} prompt(s) for a Generator of batch {self.batch}; "
+                             f"make the Generator with batch={context.shape[0]}.")
         return self._text_kv(self.params, self.placement.put_context(context))
 
     def first_layout(self) -> AttentionLayout:

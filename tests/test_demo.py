@@ -187,7 +187,7 @@ def test_demo_model_draws_the_named_shape(demo):
     folder, model = demo
     sampling = config_from_dict(SamplingConfig, read_config(folder)["sampling"])
     video = VideoShape(DEMO_DEFAULTS["height"], DEMO_DEFAULTS["width"], DEMO_DEFAULTS["frames"])
-    gen = Generator(model.dit, RunConfig(video=video, sampling=sampling, attn_impl="xla"))
+    gen = Generator(model.dit, RunConfig(video=video, sampling=sampling, attn_impl="xla"), batch=2)
     prompts = ["a red square moves left", "a blue circle moves up, then bounces"]
     ctx = model.text(prompts)
     lat = gen.generate(ctx, seed=0)
@@ -202,6 +202,7 @@ def test_demo_model_draws_the_named_shape(demo):
         named = prompt_colours(prompt)[0]
         assert fr[named] > 0.01, (prompt, fr)
         assert fr[named] > 3 * fr[other], (prompt, fr)  # the prompt's colour, not another one
-    # pure noise latents decode to something else entirely
+    # the check can fail: pure noise latents decode to (almost) bare background, with neither colour drawn
     noise = jax.random.normal(jax.random.PRNGKey(0), lat.shape[1:])[None]
-    assert colour_fractions(to_uint8(np.asarray(decode(vg, vs, noise))))["background"] < 0.6
+    fr = colour_fractions(to_uint8(np.asarray(decode(vg, vs, noise))))
+    assert fr["red"] < 0.01 and fr["blue"] < 0.01, fr

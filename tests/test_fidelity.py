@@ -80,4 +80,4 @@ def test_fidelity_command_on_a_tiny_setting(tiny_model, tmp_path):
         assert 0 < a["kept_total"] <= 1 + 1e-6
     assert set(res["overlap"]) == {"0.5"} and 0 <= res["overlap"]["0.5"]["mean"] <= 1
     assert 0 <= res["current_chunk_heads"]["share_mean"] <= 1
-    assert len(res["rows"]) == 2 * 4  # per prompt: baseline, DHP 0%, DHP 50%, random 50%
+    assert len(res["runs"]) == 2 * 4  # per prompt: baseline, DHP 0%, DHP 50%, random 50%

@@ -110,6 +110,8 @@ def test_bad_frame_count_and_num_dummy_are_clear_errors():
     run = RunConfig(video=VIDEO, sampling=SAMPLING, dummy=DummyForcingConfig(num_dummy=9))
     with pytest.raises(ValueError, match="num_dummy 9 is out of range"):
         Generator(make_model(), run)
+    with pytest.raises(ValueError, match="2 prompt.*batch 1"):
+        Generator(make_model(), RunConfig(video=VIDEO, sampling=SAMPLING)).text_kv(context(batch=2))
     run = RunConfig(video=VIDEO, sampling=SAMPLING, dummy=DummyForcingConfig(ar_start=0))
     with pytest.raises(ValueError, match="ar_start=0 has none"):  # online scoring needs a chunk with history
         Generator(make_model(), run)

@@ -6,8 +6,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from flax import nnx
 
 from convert.common import ConversionError
 from dfjax.config import WanConfig, config_from_dict
@@ -25,18 +23,10 @@ def _given_config(config: str | None) -> WanConfig | None:
     return WanConfig.preset(config)
 
 
-def _cast_to_model(params: dict, make) -> dict:
-    from dfjax.params import abstract_params
-
-    expected = abstract_params(make)
-    return {k: np.asarray(v).astype(expected[k].dtype, copy=False) for k, v in params.items()}
-
-
 def transformer_part(src, config=None, num_heads=None, ema=True, lora=None, lora_alpha=None, dtype="bfloat16"):
     from convert.common import read_state_dict
     from convert.transformer import check_config, convert_transformer, detect_format, infer_config, merge_lora, \
         read_transformer_state
-    from dfjax.model.transformer import WanDiT
 
     sd, extra = read_transformer_state(src, ema=ema)
     if lora:
@@ -50,8 +40,7 @@ def transformer_part(src, config=None, num_heads=None, ema=True, lora=None, lora
         check_config(cfg, given)
         cfg = given
     cfg = replace(cfg, param_dtype=dtype)
-    params = convert_transformer(sd, cfg)
-    return cfg, _cast_to_model(params, lambda: WanDiT(cfg, nnx.Rngs(0)))
+    return cfg, convert_transformer(sd, cfg)  # each tensor cast to the model's parameter dtype as it is converted
 
 
 def _has_entry(path, key) -> bool:
@@ -75,11 +64,10 @@ def text_encoder_part(src, dtype="bfloat16"):
 
 def vae_part(src, dtype="bfloat16"):
     from convert.vae import convert_vae, infer_vae_config, read_vae_checkpoint
-    from dfjax.model.vae import WanVAE
 
     sd, hf = read_vae_checkpoint(src)
     cfg = infer_vae_config(sd, hf, param_dtype=dtype)
-    return cfg, _cast_to_model(convert_vae(sd, cfg), lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
+    return cfg, convert_vae(sd, cfg)
 
 
 def convert_model_folder(src, out, *, config=None, num_heads=None, ema=True, lora=None, lora_alpha=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,34 @@ def read_torch_file(path: str | Path) -> dict:
     return dict(obj)
 
 
-def read_safetensors(paths: list[Path]) -> dict[str, np.ndarray]:
+class LazyTensor:
+    """One checkpoint tensor, read only when converted (`np.asarray`): a state dict of these holds no weights, so a
+    conversion keeps one source tensor in host memory at a time next to its output, not the whole source.
+    `.shape` is known without reading."""
+
+    def __init__(self, read: Callable[[], object], shape: tuple[int, ...]):
+        self._read, self.shape = read, tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = _tensor_to_numpy(self._read())
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape})"
+
+
+def _safetensors_tensor(path: Path, key: str):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # opened per tensor: its pages are unmapped after the read
+        return f.get_tensor(key)
+
+
+def read_safetensors(paths: list[Path]) -> dict[str, LazyTensor]:
     from safetensors import safe_open
 
     out = {}
@@ -60,12 +88,13 @@ def read_safetensors(paths: list[Path]) -> dict[str, np.ndarray]:
             for k in f.keys():
                 if k in out:
                     raise ConversionError(f"key {k} appears in more than one file ({p}).")
-                out[k] = _tensor_to_numpy(f.get_tensor(k))
+                out[k] = LazyTensor(functools.partial(_safetensors_tensor, p, k), f.get_slice(k).get_shape())
     return out
 
 
-def read_state_dict(src: str | Path, subkey: str | None = None) -> dict[str, np.ndarray]:
-    """Reads a checkpoint file or folder (safetensors shards or one torch file) into {key: np.ndarray}.
+def read_state_dict(src: str | Path, subkey: str | None = None) -> dict[str, LazyTensor]:
+    """Reads a checkpoint file or folder (safetensors shards or one torch file) into {key: LazyTensor}: the keys and
+    shapes now, each tensor when it is converted (torch files are memory-mapped where their format allows).
 
     `subkey` picks a top-level entry of a torch file (e.g. "generator_ema"); its absence is an error
     that lists what the file has.
@@ -87,7 +116,7 @@ def read_state_dict(src: str | Path, subkey: str | None = None) -> dict[str, np.
         obj = obj[subkey]
         if not isinstance(obj, Mapping):
             raise ConversionError(f"{src}: entry '{subkey}' is not a dict of tensors.")
-    return {k: _tensor_to_numpy(v) for k, v in _flatten_nested(obj).items()}
+    return {k: LazyTensor(lambda v=v: v, v.shape) for k, v in _flatten_nested(obj).items()}
 
 
 def strip_prefixes(sd: dict, prefixes: tuple[str, ...]) -> dict:
@@ -143,8 +172,9 @@ def apply_key_map(
 ) -> dict[str, np.ndarray]:
     """Maps every torch key through exactly one rule and checks the result against `expected` shapes.
 
-    expected: {flat dfjax key: anything with .shape} (e.g. dfjax.params.abstract_params(...)).
-    Any unmapped, duplicate, missing or misshaped key raises ConversionError naming it.
+    expected: {flat dfjax key: anything with .shape, and .dtype to store it in} (e.g. dfjax.params.abstract_params):
+    each tensor is read, transformed and cast one at a time (with a LazyTensor source, the whole model is never in
+    host memory twice). Any unmapped, duplicate, missing or misshaped key raises ConversionError naming it.
     Keys matching a regex in `ignore` are dropped (buffers such as rotary tables).
     """
     compiled = [(re.compile(r.pattern + r"\Z"), r) for r in rules]
@@ -171,14 +201,15 @@ def apply_key_map(
         try:
             arr = rule.transform(np.asarray(value))
         except (ValueError, IndexError) as e:  # e.g. a tensor with the wrong number of dimensions
-            raise ConversionError(f"{source}: key '{key}' of shape {np.shape(value)} cannot be converted: {e}.") from e
+            raise ConversionError(f"{source}: key '{key}' of shape {tuple(value.shape)} cannot be converted: {e}.") from e
         want = tuple(expected[target].shape)
         if tuple(arr.shape) != want:
             raise ConversionError(
-                f"{source}: key '{key}' has shape {tuple(np.asarray(value).shape)}, which becomes {tuple(arr.shape)}; "
+                f"{source}: key '{key}' has shape {tuple(value.shape)}, which becomes {tuple(arr.shape)}; "
                 f"the model expects {want} for '{target}'. Is --config the right model size?"
             )
-        out[target] = arr
+        dtype = getattr(expected[target], "dtype", None)
+        out[target] = arr if dtype is None else arr.astype(dtype, copy=False)
         origin[target] = key
     if unexpected:
         raise ConversionError(

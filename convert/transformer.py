@@ -151,9 +151,9 @@ def merge_lora(sd: dict, lora: dict, alpha: float | None = None) -> dict:
         target = base + ".weight"
         if target not in out:
             raise ConversionError(f"LoRA key {ka} targets '{target}', which the base checkpoint lacks.")
-        a, b = lora[ka].astype(np.float32), lora[kb].astype(np.float32)
+        a, b = np.asarray(lora[ka], np.float32), np.asarray(lora[kb], np.float32)
         r = a.shape[0]
-        w = out[target]
+        w = np.asarray(out[target])
         if b.shape[1] != r or (b.shape[0], a.shape[1]) != w.shape:
             raise ConversionError(f"LoRA {base}: A {a.shape}, B {b.shape} do not fit the weight {w.shape}.")
         out[target] = (w.astype(np.float32) + ((alpha or r) / r) * (b @ a)).astype(w.dtype)

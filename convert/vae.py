@@ -122,7 +122,7 @@ def _indices(sd, pattern: str) -> list[int]:
 def _shape(sd, key: str) -> tuple[int, ...]:
     if key not in sd:
         raise ConversionError(f"VAE checkpoint: key '{key}' is missing.")
-    return tuple(np.shape(sd[key]))
+    return tuple(sd[key].shape)
 
 
 def infer_vae_config(sd: Mapping[str, object], hf_config: Mapping | None = None, **overrides) -> WanVAEConfig:

@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-
 from convert.common import ConversionError
 from dfjax.config import WanConfig, config_from_dict
 from dfjax.model_io import write_model_folder

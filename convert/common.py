@@ -60,10 +60,6 @@ class LazyTensor:
     def __init__(self, read: Callable[[], object], shape: tuple[int, ...]):
         self._read, self.shape = read, tuple(shape)
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def __array__(self, dtype=None, copy=None):
         arr = _tensor_to_numpy(self._read())
         return arr if dtype is None else arr.astype(dtype, copy=False)

@@ -15,6 +15,7 @@ rebuilt per head type (dfjax.hma) and the remaining chunks run on the plan's lay
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -135,6 +136,9 @@ class Generator:
     # it, and Dummy Forcing plans rounded to split over `tensor` (sharding.shardable_plan). None: one device.
     mesh: jax.sharding.Mesh | None = None
     rules: Rules | None = None  # logical -> mesh axis rules (default: dfjax.sharding.DEFAULT_RULES)
+    # Online Dummy Forcing compiles a chunk step for each new plan layout; the least recently used beyond this
+    # many are dropped (with their transitions), so a long run over many prompts keeps bounded host memory.
+    max_plan_steps: int = 8
 
     def __post_init__(self):
         cfg = self.model.cfg
@@ -162,14 +166,15 @@ class Generator:
         self._permute = self.placement.jit(functools.partial(hma.permuted_params, self.graphdef),
                                            out_shardings=lambda: self.placement.param_shardings(self.params))
         self._steps = {}
-        self._compiled = {}
+        self._compiled = {}  # (layout, scored) -> compiled step, in order of last use
         self._transitions = {}
+        self._step_names = itertools.count()
         self.compile_s = 0.0  # seconds spent compiling steps (ahead of time, outside the timed runs)
 
     # -- compiled pieces ----------------------------------------------------------------------------
     def _step(self, layout: AttentionLayout, scored: bool = False):
         if (layout, scored) not in self._steps:
-            name = f"step{len(self._steps)}"
+            name = f"step{next(self._step_names)}"
 
             def step(*args, **kw):
                 self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
@@ -189,11 +194,19 @@ class Generator:
 
     def _run_step(self, layout: AttentionLayout, *args, scored: bool = False):
         """Runs a chunk step; the first use of a layout compiles it ahead of time (timed into compile_s)."""
-        if (layout, scored) not in self._compiled:
+        key = (layout, scored)
+        if key in self._compiled:
+            self._compiled[key] = self._compiled.pop(key)  # most recently used last
+        else:
             t0 = time.perf_counter()
-            self._compiled[layout, scored] = self._step(layout, scored).lower(*args).compile()
+            self._compiled[key] = self._step(layout, scored).lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
-        return self._compiled[layout, scored](*args)
+            plan_keys = [k for k in self._compiled if k[0] != self.first_layout()]
+            for old in plan_keys[:max(0, len(plan_keys) - self.max_plan_steps)]:
+                del self._compiled[old]
+                self._steps.pop(old, None)
+                self._transitions.pop(old[0], None)
+        return self._compiled[key](*args)
 
     @functools.cached_property
     def _score_rows(self):

@@ -67,6 +67,24 @@ def test_a_second_video_compiles_nothing(on_mesh):
     assert "/jax/core/compile/backend_compile_duration" not in compiles
 
 
+def test_online_dummy_forcing_keeps_a_bounded_number_of_plan_steps():
+    """Each new plan layout compiles a step; beyond max_plan_steps the least recently used goes (host memory of a
+    long many-prompt run), and a plan seen again is compiled again with the same result."""
+    from dfjax import hma
+
+    run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla", dummy=DummyForcingConfig(ar_start=1))
+    gen = Generator(make_model(), run, max_plan_steps=1)
+    first, layouts, videos = gen.first_layout(), set(), {}
+    tpf = first.tokens_per_frame
+    for seed in range(4):
+        videos[seed] = np.asarray(gen.generate(context(seed), seed=seed))
+        layouts.add(hma.plan_layout(gen.last_plan, tpf, SAMPLING.chunk_frames))
+        plan_steps = [k for k in gen._compiled if k[0] != first]
+        assert len(plan_steps) <= 1 and len(gen._transitions) <= 1
+    assert len(layouts) >= 2  # the plans differed, so steps were dropped
+    np.testing.assert_array_equal(np.asarray(gen.generate(context(0), seed=0)), videos[0])
+
+
 def test_each_chunk_step_updates_the_cache_in_place():
     """The cache is donated: the step's input buffers are consumed (no copy of the cache per chunk)."""
     gen = Generator(make_model(), RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla"))

@@ -560,14 +560,16 @@ def _stored(flat: dict) -> dict:
 
 def repack(src: str | Path, out: str | Path) -> Path:
     """A model folder written by an earlier train-demo (weights stored in float32) in today's storage format."""
-    from dfjax.model_io import read_config, write_model_folder
-    from dfjax.t2v import VideoModel
+    from dfjax.model_io import load_params, read_config, write_model_folder
+    from dfjax.params import abstract_params
+    from dfjax.t2v import load_transformer, load_vae
 
     src = Path(src)
     meta = read_config(src)
-    m = VideoModel.load(src)
-    params = {"transformer": _stored(to_numpy(flat_state(m.dit))), "text_encoder": to_numpy(flat_state(m.text._state)),
-              "vae": _stored(to_numpy(flat_state(m.vae)))}
+    text_cfg = UMT5Config(**meta["text_encoder"])
+    text = load_params(src, "text_encoder", abstract_params(lambda: UMT5Encoder(text_cfg, nnx.Rngs(0))))
+    params = {"transformer": _stored(to_numpy(flat_state(load_transformer(src)))), "text_encoder": to_numpy(text),
+              "vae": _stored(to_numpy(flat_state(load_vae(src))))}
     config = {k: v for k, v in meta.items() if k not in ("format", "version")}
     return write_model_folder(out, config, params, copy_dirs={"tokenizer": src / "tokenizer"}, overwrite=True)
 

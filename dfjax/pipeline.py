@@ -33,6 +33,7 @@ from dfjax.model.rope import rope_tables
 from dfjax.model.transformer import WanDiT
 from dfjax.sampling import schedule_arrays
 from dfjax.sharding import Placement, Rules
+from dfjax.stream import StreamRunner
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class RunConfig:
     cache: CacheConfig = CacheConfig()
     dummy: DummyForcingConfig | None = None  # None: no Dummy Forcing
     attn_impl: str = "auto"
+    # Stream batch (dfjax.stream): after a sequential prefill, the denoising steps of consecutive chunks run
+    # as a pipeline, each step with a cache of its own and no refresh forward. A different sampler.
+    stream: bool = False
 
     def __post_init__(self):
         cf = self.sampling.chunk_frames
@@ -170,6 +174,11 @@ class Generator:
         self._transitions = {}
         self._step_names = itertools.count()
         self.compile_s = 0.0  # seconds spent compiling steps (ahead of time, outside the timed runs)
+        self._stream = None
+        if self.run.stream:  # a group's devices are the pipeline's stages; its ticks run in shard_map (local
+            # shapes on every device), so they keep the requested kernel, Pallas included
+            self._stream = StreamRunner(self.graphdef, self.mesh, len(self.run.sampling.denoising_steps), self.shape,
+                                        self.schedule, self.rope, self.run.attn_impl, self.run.num_chunks)
 
     # -- compiled pieces ----------------------------------------------------------------------------
     def _step(self, layout: AttentionLayout, scored: bool = False):
@@ -234,6 +243,17 @@ class Generator:
         return hma.warmup_layout(cfg.num_layers, cfg.num_heads, self.run.dummy.local_context_length, tpf, cf)
 
     # -- the loop -----------------------------------------------------------------------------------
+    @property
+    def prefill_chunks(self) -> int:
+        """Chunks made by the sequential loop: all of them, or in stream mode those before the stream (chunk 0;
+        with Dummy Forcing chunks 0..ar_start, after which the plan and its cache layout are fixed)."""
+        if not self.run.stream:
+            return self.run.num_chunks
+        return min(self.run.num_chunks, 1 if self.run.dummy is None else self.run.dummy.ar_start + 1)
+
+    def _add_compile(self, seconds: float) -> None:
+        self.compile_s += seconds
+
     def chunks(self, text_kv, seed: int) -> Iterator[ChunkResult]:
         """Yields each chunk's clean latents as soon as it is dispatched (device arrays, not synced)."""
         key = jax.random.PRNGKey(seed)
@@ -245,6 +265,10 @@ class Generator:
         scoring = d is not None and plan is None and d.ar_start + 1 < self.run.num_chunks
         rows = self._score_rows if scoring else None
         for c in range(self.run.num_chunks):
+            if c == self.prefill_chunks:  # stream mode: the remaining chunks come out of the pipeline
+                for i, x0 in self._stream.chunks(params, text_kv, cache, key, layout, c, self._add_compile):
+                    yield ChunkResult(i, x0)
+                return
             x0, cache, scores = self._run_step(layout, params, text_kv, cache, key, jnp.int32(c), rows,
                                                scored=scoring)
             yield ChunkResult(c, x0)

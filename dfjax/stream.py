@@ -41,35 +41,35 @@ def chunk_noise(key, chunk, step, shape):
     return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, chunk), step), shape, jnp.float32)
 
 
-def slot_forward(model, x, s, chunk, text_kv, cache, key, *, layout, shape, schedule, rope, impl):
+def slot_forward(model, x, s, chunk, text_kv, cache, noise, *, layout, schedule, rope, impl):
     """Denoising step s of one chunk on slot s's cache: (the next step's input, the cache with the chunk's
-    K/V written). After the last step the next sigma is 0, so the output is x0 itself."""
+    K/V written). noise(chunk, step) gives the draws. After the last step the next sigma is 0, so the
+    output is x0 itself."""
     timesteps, sigmas, next_sigmas = schedule
-    cf = shape[1]
-    t = jnp.full((shape[0], cf), timesteps[s], jnp.float32)
+    t = jnp.full(x.shape[:2], timesteps[s], jnp.float32)
     # is_refresh: packed dummy heads keep this slot's newest frame, as the slot's context is its own forwards'
-    flow, cache, _ = model(x, t, text_kv, cache, layout, rope, chunk * cf, is_refresh=True, impl=impl)
+    flow, cache, _ = model(x, t, text_kv, cache, layout, rope, chunk * x.shape[1], is_refresh=True, impl=impl)
     x0 = x - sigmas[s] * flow
-    return (1 - next_sigmas[s]) * x0 + next_sigmas[s] * chunk_noise(key, chunk, s + 1, shape), cache
+    return (1 - next_sigmas[s]) * x0 + next_sigmas[s] * noise(chunk, s + 1), cache
 
 
-def stage_tick(graphdef, params, text_kv, caches, xs, key, tick, stage, *, slots, first, num_chunks, layout, shape,
+def stage_tick(graphdef, params, text_kv, caches, xs, noise, tick, stage, *, slots, first, num_chunks, layout,
                schedule, rope, impl):
     """One tick of one device's `slots` consecutive slots (global slots stage*slots ...).
 
-    caches: every leaf with a leading local-slot axis; xs [slots, *shape]: each slot's input. Returns the
-    slots' outputs [slots, *shape] and the caches.
+    caches: every leaf with a leading local-slot axis; xs [slots, B, ...]: each slot's input; noise(chunk,
+    step): this device's draws. Returns the slots' outputs [slots, B, ...] and the caches.
     """
     model = nnx.merge(graphdef, params)
-    fwd = functools.partial(slot_forward, model, layout=layout, shape=shape, schedule=schedule, rope=rope, impl=impl)
+    fwd = functools.partial(slot_forward, model, layout=layout, schedule=schedule, rope=rope, impl=impl)
     outs = []
     for j in range(slots):
         s = stage * slots + j
         chunk = first + tick - s
-        x_in = jnp.where(s == 0, chunk_noise(key, chunk, 0, shape), xs[j])  # slot 0 starts a new chunk
+        x_in = jnp.where(s == 0, noise(chunk, 0), xs[j])  # slot 0 starts a new chunk
         cache = jax.tree.map(lambda a: a[j], caches)
         x_out, cache = jax.lax.cond((chunk >= first) & (chunk < num_chunks),
-                                    lambda x, c: fwd(x, s, chunk, text_kv, c, key),
+                                    lambda x, c: fwd(x, s, chunk, text_kv, c, noise),
                                     lambda x, c: (x, c), x_in, cache)
         caches = jax.tree.map(lambda a, c: a.at[j].set(c), caches, cache)
         outs.append(x_out)
@@ -126,17 +126,23 @@ class StreamRunner:
         return jax.jit(lambda c: jax.tree.map(stack, c), out_shardings=out)(cache)
 
     # -- the tick ---------------------------------------------------------------------------------
-    def _tick_fn(self, layout: AttentionLayout, first: int):
+    def _tick_fn(self, layout: AttentionLayout, first: int, caches):
         body = functools.partial(stage_tick, self.graphdef, slots=self.n // self.stages, first=first,
-                                 num_chunks=self.num_chunks, layout=layout, shape=self.shape, schedule=self.schedule,
-                                 rope=self.rope, impl=self.impl)
+                                 num_chunks=self.num_chunks, layout=layout, schedule=self.schedule, rope=self.rope,
+                                 impl=self.impl)
+        draw = lambda key: lambda chunk, step: chunk_noise(key, chunk, step, self.shape)
         if self.mesh is None:
             def tick(params, text_kv, caches, xs, key, k):
-                outs, caches = body(params, text_kv, caches, xs, key, k, 0)
+                outs, caches = body(params, text_kv, caches, xs, draw(key), k, 0)
                 return shift_slots(outs, 1), caches
         else:
+            local_batch = self.shape[0] // self.mesh.shape["data"]
+
             def local(params, text_kv, caches, xs, key, k):
-                outs, caches = body(params, text_kv, caches, xs, key, k, jax.lax.axis_index("tensor"))
+                # the whole batch's draws (as on one device), then this device's rows of it
+                start = jax.lax.axis_index("data") * local_batch
+                noise = lambda chunk, step: jax.lax.dynamic_slice_in_dim(draw(key)(chunk, step), start, local_batch)
+                outs, caches = body(params, text_kv, caches, xs, noise, k, jax.lax.axis_index("tensor"))
                 return shift_slots(outs, self.stages, "tensor"), caches
 
             slot = lambda tree: jax.tree.map(lambda a: self._spec(True, a.ndim - 1), tree)
@@ -147,6 +153,10 @@ class StreamRunner:
                           P(), P()),
                 out_specs=(self._spec(True, 5), slot(caches)), check_vma=False,
             )(params, text_kv, caches, xs, key, k)
+            # explicit: XLA would call an empty head group's output replicated, and the next tick refuse it
+            sharded = lambda spec: NamedSharding(self.mesh, spec)
+            return jax.jit(tick, donate_argnums=(2, 3), out_shardings=(
+                sharded(self._spec(True, 5)), jax.tree.map(lambda a: sharded(self._spec(True, a.ndim - 1)), caches)))
         return jax.jit(tick, donate_argnums=(2, 3))
 
     def compiled_tick(self, layout, first, args):
@@ -154,7 +164,7 @@ class StreamRunner:
         if (layout, first) in self._ticks:
             return self._ticks[layout, first], 0.0
         t0 = time.perf_counter()
-        self._ticks[layout, first] = self._tick_fn(layout, first).lower(*args).compile()
+        self._ticks[layout, first] = self._tick_fn(layout, first, args[2]).lower(*args).compile()
         return self._ticks[layout, first], time.perf_counter() - t0
 
     def chunks(self, params, text_kv, cache, key, layout: AttentionLayout, first: int, on_compile):

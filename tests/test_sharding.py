@@ -277,6 +277,16 @@ def test_generator_on_a_mesh_rounds_the_plan_and_picks_a_partitionable_kernel(de
     assert device_report["attn_impl"] == {"auto": "xla", "pallas_error": True}
 
 
+def test_stream_stages_on_a_mesh_equal_one_device(device_report):
+    r = device_report["stream"]
+    assert set(r) == {f"{k} {m}" for k in ("baseline", "dummy") for m in ("1x2", "1x4", "2x4")}
+    for name, entry in r.items():
+        assert entry["max_abs_diff"] < 2e-5, (name, entry)
+    # each of 4 devices holds one step's cache; a tick moves latents to the next stage and nothing else
+    assert r["baseline 1x4"]["cache_specs"] == [str(P("tensor", "data", None, None, None))]
+    assert r["baseline 1x4"]["collectives"] == ["collective-permute"]
+
+
 # ------------------------------------------------------------------------------------------------ the child
 
 def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
@@ -401,6 +411,28 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
     except ValueError:
         pallas_error = True
     report["attn_impl"] = {"auto": g.attn_impl, "pallas_error": pallas_error}
+
+    # stream batch: a group's devices are the pipeline's stages (4 denoising steps over 2 or 4 devices; 2x4 also
+    # splits the batch over data); with Dummy Forcing the prefill is tensor-parallel, then the plan streams
+    report["stream"] = {}
+    svideo = VideoShape(height=32, width=48, frames=37)  # 5 chunks of 2
+    for name, srun, kw in (
+            ("baseline", RunConfig(video=svideo, sampling=sampling, attn_impl="xla", stream=True), {}),
+            ("dummy", RunConfig(video=svideo, sampling=sampling, attn_impl="xla", stream=True,
+                                dummy=DummyForcingConfig(ar_start=0)), {"plan": plan})):
+        ref = np.asarray(Generator(model, srun, batch=batch, **kw).generate(ctx, seed=9))
+        for d, t in ((1, 2), (1, 4), (2, 4)):
+            mesh = MeshConfig(data=d, tensor=t, data_mode="batch").mesh(jax.devices()[:d * t])
+            g = Generator(model, srun, batch=batch, mesh=mesh, **kw)
+            out = g.generate(ctx, seed=9)
+            entry = {"max_abs_diff": float(np.max(np.abs(np.asarray(out) - ref)))}
+            if name == "baseline" and (d, t) == (1, 4):
+                (tick,) = g._stream._ticks.values()
+                entry["cache_specs"] = sorted({str(s.spec) for s in jax.tree.leaves(tick.input_shardings[0][2])})
+                entry["collectives"] = sorted({m.group(1) for m in re.finditer(
+                    r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(",
+                    tick.as_text())})
+            report["stream"][f"{name} {d}x{t}"] = entry
 
     Path(report_path).write_text(json.dumps(report))
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("baseline", "dummy", "local")
+MODES = ("baseline", "dummy", "local", "stream", "dummy-stream")  # stream: dfjax.stream's sampler
 
 
 def _run_config(mode, resolution, frames, tiny, attn_impl):
@@ -42,9 +42,9 @@ def _run_config(mode, resolution, frames, tiny, attn_impl):
     else:  # "HxW", e.g. a small size to profile the real model on a CPU
         h, w = (int(x) for x in resolution.lower().split("x"))
     cache = CacheConfig.longlive() if mode == "local" else CacheConfig()
-    dummy = DummyForcingConfig() if mode == "dummy" else None
+    dummy = DummyForcingConfig() if mode.startswith("dummy") else None
     return RunConfig(video=VideoShape(h, w, frames), sampling=SamplingConfig(), cache=cache, dummy=dummy,
-                     attn_impl=attn_impl)
+                     attn_impl=attn_impl, stream=mode.endswith("stream"))
 
 
 def _random_models(tiny: bool):
@@ -104,7 +104,7 @@ def _attention_seconds(gen, run, runs):
     tpf, cf = layout.tokens_per_frame, layout.chunk_frames
     lq = tpf * cf
     q = jax.random.normal(jax.random.PRNGKey(0), (1, lq, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
-    forwards = len(run.sampling.denoising_steps) + 1
+    steps = len(run.sampling.denoising_steps)
     fn = jax.jit(lambda q, cache, lens: grouped_attention(
         q, tuple((k, v, n) for (k, v), n in zip(cache, lens)), impl=run.attn_impl))
     total = 0.0
@@ -120,7 +120,7 @@ def _attention_seconds(gen, run, runs):
             lens = [jnp.int32(g.valid_frames(end) * tpf) for g in layer]
             jax.block_until_ready(fn(q, cache, lens))
             t = statistics.median(_timed(lambda: jax.block_until_ready(fn(q, cache, lens)), max(runs, 3)))
-            total += t * count * forwards
+            total += t * count * (steps + 1 if c < gen.prefill_chunks else steps)  # stream: no refresh
     return total
 
 
@@ -222,6 +222,8 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     if gen.last_plan is not None:  # after the plan: the per-head-type caches
         lay = hma.plan_layout(gen.last_plan, gen.first_layout().tokens_per_frame, run.sampling.chunk_frames)
         cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(lay, 1, dit.cfg.head_dim, jnp.bfloat16)))
+    if run.stream:  # a cache per denoising step
+        cache_bytes *= len(run.sampling.denoising_steps)
     med = statistics.median
     n = run.video.frames
     result = {

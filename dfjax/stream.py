@@ -53,40 +53,30 @@ def slot_forward(model, x, s, chunk, text_kv, cache, noise, *, layout, schedule,
     return (1 - next_sigmas[s]) * x0 + next_sigmas[s] * noise(chunk, s + 1), cache
 
 
-def stage_tick(graphdef, params, text_kv, caches, xs, noise, tick, stage, *, slots, first, num_chunks, layout,
-               schedule, rope, impl):
-    """One tick of one device's `slots` consecutive slots (global slots stage*slots ...).
-
-    caches: every leaf with a leading local-slot axis; xs [slots, B, ...]: each slot's input; noise(chunk,
-    step): this device's draws. Returns the slots' outputs [slots, B, ...] and the caches.
-    """
+def slot_step(graphdef, params, text_kv, cache, x, noise, tick, s, *, first, num_chunks, layout, schedule, rope,
+              impl):
+    """Slot s's part of a tick: denoising step s of chunk `first + tick - s` if that chunk exists (the pipeline
+    fills and drains: no forward otherwise). x: the slot's input (slot 0 draws its chunk's initial noise
+    instead). Returns (the slot's output, its cache)."""
     model = nnx.merge(graphdef, params)
+    chunk = first + tick - s
+    x = jnp.where(s == 0, noise(chunk, 0), x)
     fwd = functools.partial(slot_forward, model, layout=layout, schedule=schedule, rope=rope, impl=impl)
-    outs = []
-    for j in range(slots):
-        s = stage * slots + j
-        chunk = first + tick - s
-        x_in = jnp.where(s == 0, noise(chunk, 0), xs[j])  # slot 0 starts a new chunk
-        cache = jax.tree.map(lambda a: a[j], caches)
-        x_out, cache = jax.lax.cond((chunk >= first) & (chunk < num_chunks),
-                                    lambda x, c: fwd(x, s, chunk, text_kv, c, noise),
-                                    lambda x, c: (x, c), x_in, cache)
-        caches = jax.tree.map(lambda a, c: a.at[j].set(c), caches, cache)
-        outs.append(x_out)
-    return jnp.stack(outs), caches
-
-
-def shift_slots(outs, stages: int, axis_name=None):
-    """Slot s's output becomes slot s+1's input; the last slot's (the finished chunk) wraps round to slot 0
-    (which ignores it: it starts from noise), so after a tick xs[0] is the chunk that finished."""
-    last = outs[-1:]
-    if stages > 1:
-        last = jax.lax.ppermute(last, axis_name, [(i, (i + 1) % stages) for i in range(stages)])
-    return jnp.concatenate([last, outs[:-1]])
+    return jax.lax.cond((chunk >= first) & (chunk < num_chunks),
+                        lambda x, c: fwd(x, s, chunk, text_kv, c, noise), lambda x, c: (x, c), x, cache)
 
 
 class StreamRunner:
-    """Compiles and runs the stream ticks of one Generator (one per layout), on one device or a group mesh."""
+    """Runs the stream ticks of one Generator, on one device or over a group mesh's devices (its `tensor` axis,
+    one stage each).
+
+    Per device, slot j of its n/S slots is global slot stage * n/S + j. Every slot array (a slot's cache
+    leaves, its input latents) has a leading stage axis [S, ...] split over the stages, so a device holds
+    exactly its slots. A tick is n/S calls of one compiled slot step (slot j's arrays, donated: no cache is
+    copied or stacked) and a shift: slot j's output is slot j+1's input, and the last local slot's goes to
+    the next stage's first (a ppermute; from the last stage it wraps round to stage 0's slot 0, which starts
+    from noise, so after a tick stage 0's first input is the chunk that finished).
+    """
 
     def __init__(self, graphdef, mesh, num_steps: int, shape, schedule, rope, impl, num_chunks: int):
         self.graphdef, self.mesh, self.n = graphdef, mesh, num_steps
@@ -97,88 +87,95 @@ class StreamRunner:
                              f"devices; choose a group of {ok} devices.")
         if mesh is not None and shape[0] % mesh.shape["data"]:
             raise ValueError(f"batch {shape[0]} does not split over data={mesh.shape['data']}.")
+        self.slots = num_steps // self.stages
         self.shape, self.schedule, self.rope, self.impl, self.num_chunks = shape, schedule, rope, impl, num_chunks
-        self._ticks = {}  # (layout, first chunk) -> compiled tick
+        self._steps = {}  # (layout, first chunk) -> compiled slot step
+        self._shift = None
 
     # -- placement --------------------------------------------------------------------------------
-    def _spec(self, slot_axis: bool, ndim: int):
-        """Slot axis over the stages (`tensor`), batch over `data`."""
-        return P(*(("tensor",) if slot_axis else ()), "data", *([None] * (ndim - 1)))
+    def _spec(self, stage_axis: bool, ndim: int):
+        """An array's PartitionSpec: the stage axis (if any) over `tensor`, then the batch over `data`."""
+        return P(*(("tensor",) if stage_axis else ()), "data", *([None] * (ndim - 1 - stage_axis)))
 
-    def _put(self, tree, slot_axis: bool):
+    def _shardings(self, tree, stage_axis: bool):
+        return jax.tree.map(lambda a: NamedSharding(self.mesh, self._spec(stage_axis, a.ndim)), tree)
+
+    def _slot_arrays(self, slot_of_stage):
+        """One slot's arrays with a leading stage axis: slot_of_stage(stage) for every stage, placed."""
+        make = lambda: jax.tree.map(lambda *a: jnp.stack(a), *[slot_of_stage(i) for i in range(self.stages)])
         if self.mesh is None:
-            return tree
-        return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(self.mesh, self._spec(slot_axis,
-                                                                                             a.ndim - slot_axis))),
-                            tree)
+            return make()
+        return jax.jit(make, out_shardings=self._shardings(jax.eval_shape(make), True))()
 
-    def replicate_params(self, params):
-        if self.mesh is None:
-            return params
-        return jax.device_put(params, NamedSharding(self.mesh, P()))
-
-    def slot_caches(self, cache):
-        """n copies of the prefill's cache, one per slot, each on its slot's device."""
-        stack = lambda a: jnp.broadcast_to(a[None], (self.n,) + a.shape)
-        if self.mesh is None:
-            return jax.tree.map(stack, cache)
-        out = jax.tree.map(lambda a: NamedSharding(self.mesh, self._spec(True, a.ndim)), cache)
-        return jax.jit(lambda c: jax.tree.map(stack, c), out_shardings=out)(cache)
-
-    # -- the tick ---------------------------------------------------------------------------------
-    def _tick_fn(self, layout: AttentionLayout, first: int, caches):
-        body = functools.partial(stage_tick, self.graphdef, slots=self.n // self.stages, first=first,
-                                 num_chunks=self.num_chunks, layout=layout, schedule=self.schedule, rope=self.rope,
-                                 impl=self.impl)
+    # -- programs ---------------------------------------------------------------------------------
+    def _step_fn(self, layout: AttentionLayout, first: int, cache):
+        body = functools.partial(slot_step, self.graphdef, first=first, num_chunks=self.num_chunks, layout=layout,
+                                 schedule=self.schedule, rope=self.rope, impl=self.impl)
         draw = lambda key: lambda chunk, step: chunk_noise(key, chunk, step, self.shape)
+        unstage = lambda tree: jax.tree.map(lambda a: a[0], tree)  # local [1, ...] -> [...]
+        stage = lambda tree: jax.tree.map(lambda a: a[None], tree)
         if self.mesh is None:
-            def tick(params, text_kv, caches, xs, key, k):
-                outs, caches = body(params, text_kv, caches, xs, draw(key), k, 0)
-                return shift_slots(outs, 1), caches
-        else:
-            local_batch = self.shape[0] // self.mesh.shape["data"]
+            def step(params, text_kv, cache, x, key, tick, j):
+                out, cache = body(params, text_kv, unstage(cache), x[0], draw(key), tick, j)
+                return out[None], stage(cache)
 
-            def local(params, text_kv, caches, xs, key, k):
-                # the whole batch's draws (as on one device), then this device's rows of it
-                start = jax.lax.axis_index("data") * local_batch
-                noise = lambda chunk, step: jax.lax.dynamic_slice_in_dim(draw(key)(chunk, step), start, local_batch)
-                outs, caches = body(params, text_kv, caches, xs, noise, k, jax.lax.axis_index("tensor"))
-                return shift_slots(outs, self.stages, "tensor"), caches
+            return jax.jit(step, donate_argnums=(2, 3))
+        rows = self.shape[0] // self.mesh.shape["data"]
 
-            slot = lambda tree: jax.tree.map(lambda a: self._spec(True, a.ndim - 1), tree)
-            batch = lambda tree: jax.tree.map(lambda a: self._spec(False, a.ndim), tree)
-            tick = lambda params, text_kv, caches, xs, key, k: jax.shard_map(
-                local, mesh=self.mesh,
-                in_specs=(jax.tree.map(lambda _: P(), params), batch(text_kv), slot(caches), self._spec(True, 5),
-                          P(), P()),
-                out_specs=(self._spec(True, 5), slot(caches)), check_vma=False,
-            )(params, text_kv, caches, xs, key, k)
-            # explicit: XLA would call an empty head group's output replicated, and the next tick refuse it
-            sharded = lambda spec: NamedSharding(self.mesh, spec)
-            return jax.jit(tick, donate_argnums=(2, 3), out_shardings=(
-                sharded(self._spec(True, 5)), jax.tree.map(lambda a: sharded(self._spec(True, a.ndim - 1)), caches)))
-        return jax.jit(tick, donate_argnums=(2, 3))
+        def local(params, text_kv, cache, x, key, tick, j):
+            # the whole batch's draws (as on one device), then this device's rows of them
+            start = jax.lax.axis_index("data") * rows
+            noise = lambda chunk, step: jax.lax.dynamic_slice_in_dim(draw(key)(chunk, step), start, rows)
+            s = jax.lax.axis_index("tensor") * self.slots + j
+            out, cache = body(params, text_kv, unstage(cache), x[0], noise, tick, s)
+            return out[None], stage(cache)
 
-    def compiled_tick(self, layout, first, args):
-        """(compiled tick, seconds spent compiling it now: 0 when it was compiled before)."""
-        if (layout, first) in self._ticks:
-            return self._ticks[layout, first], 0.0
-        t0 = time.perf_counter()
-        self._ticks[layout, first] = self._tick_fn(layout, first, args[2]).lower(*args).compile()
-        return self._ticks[layout, first], time.perf_counter() - t0
+        spec = lambda tree, stage_axis: jax.tree.map(lambda a: self._spec(stage_axis, a.ndim), tree)
+        x_spec = self._spec(True, len(self.shape) + 1)
+        step = lambda params, text_kv, cache, x, key, tick, j: jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(jax.tree.map(lambda _: P(), params), spec(text_kv, False), spec(cache, True), x_spec, P(), P(),
+                      P()),
+            out_specs=(x_spec, spec(cache, True)), check_vma=False,
+        )(params, text_kv, cache, x, key, tick, j)
+        # explicit: XLA would call an empty head group's output replicated, and the next call refuse it
+        return jax.jit(step, donate_argnums=(2, 3), out_shardings=(
+            NamedSharding(self.mesh, x_spec), self._shardings(cache, True)))
 
+    def _compiled_step(self, layout, first, args, on_compile):
+        if (layout, first) not in self._steps:
+            t0 = time.perf_counter()
+            self._steps[layout, first] = self._step_fn(layout, first, args[2]).lower(*args).compile()
+            on_compile(time.perf_counter() - t0)
+        return self._steps[layout, first]
+
+    def _pass_on(self, last):
+        """The last local slot's output to the next stage's first slot (stage S-1's to stage 0's)."""
+        if self.stages == 1:
+            return last
+        if self._shift is None:
+            spec = self._spec(True, last.ndim)
+            perm = [(i, (i + 1) % self.stages) for i in range(self.stages)]
+            self._shift = jax.jit(jax.shard_map(lambda a: jax.lax.ppermute(a, "tensor", perm), mesh=self.mesh,
+                                                in_specs=spec, out_specs=spec, check_vma=False), donate_argnums=0)
+        return self._shift(last)
+
+    # -- the stream -------------------------------------------------------------------------------
     def chunks(self, params, text_kv, cache, key, layout: AttentionLayout, first: int, on_compile):
-        """Yields (chunk index, latents) for chunks first..num_chunks-1 in order. `cache`: the prefill's
-        cache after chunk first-1 (consumed); on_compile(seconds) is told of compile time."""
-        params = self.replicate_params(params)
-        text_kv = self._put(text_kv, False)  # whole heads on every stage (a tensor-parallel prefill split them)
-        caches = self.slot_caches(cache)
-        xs = self._put(jnp.zeros((self.n,) + self.shape, jnp.float32), True)
+        """Yields (chunk index, latents) for chunks first..num_chunks-1 in order. `cache`: the prefill's cache
+        after chunk first-1; on_compile(seconds) is told of compile time."""
+        if self.mesh is not None:
+            params = jax.device_put(params, NamedSharding(self.mesh, P()))  # every stage runs the whole DiT
+            text_kv = jax.device_put(text_kv, self._shardings(text_kv, False))  # all heads (a prefill split them)
+        caches = [self._slot_arrays(lambda _: cache) for _ in range(self.slots)]  # local slot j on every stage
+        xs = [self._slot_arrays(lambda _: jnp.zeros(self.shape, jnp.float32)) for _ in range(self.slots)]
         for k in range(self.num_chunks - first + self.n - 1):
-            args = (params, text_kv, caches, xs, key, jnp.int32(k))
-            tick, compile_s = self.compiled_tick(layout, first, args)
-            on_compile(compile_s)
-            xs, caches = tick(*args)
+            outs = []
+            for j in range(self.slots):
+                args = (params, text_kv, caches[j], xs[j], key, jnp.int32(k), jnp.int32(j))
+                out, caches[j] = self._compiled_step(layout, first, args, on_compile)(*args)
+                outs.append(out)
+            xs = [self._pass_on(outs[-1])] + outs[:-1]
             done = first + k - (self.n - 1)
             if done >= first:
-                yield done, xs[0]
+                yield done, xs[0][0]

@@ -282,9 +282,11 @@ def test_stream_stages_on_a_mesh_equal_one_device(device_report):
     assert set(r) == {f"{k} {m}" for k in ("baseline", "dummy") for m in ("1x2", "1x4", "2x4")}
     for name, entry in r.items():
         assert entry["max_abs_diff"] < 2e-5, (name, entry)
-    # each of 4 devices holds one step's cache; a tick moves latents to the next stage and nothing else
+    # each of 4 devices holds one step's cache; its step talks to no other device, and the tick's shift moves
+    # one chunk's latents to the next stage
     assert r["baseline 1x4"]["cache_specs"] == [str(P("tensor", "data", None, None, None))]
-    assert r["baseline 1x4"]["collectives"] == ["collective-permute"]
+    assert r["baseline 1x4"]["step_collectives"] == []
+    assert r["baseline 1x4"]["shift_collectives"] == ["collective-permute"]
 
 
 # ------------------------------------------------------------------------------------------------ the child
@@ -427,11 +429,15 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
             out = g.generate(ctx, seed=9)
             entry = {"max_abs_diff": float(np.max(np.abs(np.asarray(out) - ref)))}
             if name == "baseline" and (d, t) == (1, 4):
-                (tick,) = g._stream._ticks.values()
-                entry["cache_specs"] = sorted({str(s.spec) for s in jax.tree.leaves(tick.input_shardings[0][2])})
-                entry["collectives"] = sorted({m.group(1) for m in re.finditer(
+                (step,) = g._stream._steps.values()
+                collectives = lambda compiled: sorted({m.group(1) for m in re.finditer(
                     r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(",
-                    tick.as_text())})
+                    compiled.as_text())})
+                entry["cache_specs"] = sorted({str(s.spec) for s in jax.tree.leaves(step.input_shardings[0][2])})
+                entry["step_collectives"] = collectives(step)
+                entry["shift_collectives"] = collectives(g._stream._shift.lower(
+                    jax.device_put(jnp.zeros((4, batch, 2, 4, 6, cfg.in_channels)),
+                                   step.input_shardings[0][3])).compile())
             report["stream"][f"{name} {d}x{t}"] = entry
 
     Path(report_path).write_text(json.dumps(report))

@@ -107,7 +107,7 @@ def run_config(a, meta: dict):
     elif a.num_dummy is not None:
         raise UsageError("--num-dummy needs --dummy-forcing.")
     return RunConfig(video=VideoShape(height, width, frames), sampling=sampling, cache=cache, dummy=dummy,
-                     attn_impl=a.attn_impl), fps
+                     attn_impl=a.attn_impl, stream=a.stream), fps
 
 
 def load_plan(a, meta):
@@ -245,6 +245,10 @@ def add_video_options(p) -> None:
     p.add_argument("--cache", default="global", choices=["global", "local"])
     p.add_argument("--sink-frames", type=int, default=0)
     p.add_argument("--window-frames", type=int, default=0)
+    p.add_argument("--stream", action="store_true",
+                   help="stream batch: pipeline the denoising steps of consecutive chunks, a KV cache per step (noisy "
+                        "context, no refresh forward: a different sampler); with --mesh a group's devices are its "
+                        "stages (docs/scaling.md)")
     df = p.add_argument_group("Dummy Forcing")
     df.add_argument("--dummy-forcing", action="store_true")
     df.add_argument("--num-dummy", type=int, help="dummy heads over all layers (default: half)")

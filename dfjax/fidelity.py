@@ -13,11 +13,15 @@ choice differs). Against the baseline video of the same prompt and seed (same no
   - the attention mass each head type keeps (sink F0+F2, neighbour F1+F2, dummy F2) and in total;
   - a prompt-adherence check: the colours a prompt names are found in the frames (dfjax.synthetic).
 
+With the method "stream" it also makes each video with the stream-batch sampler (dfjax.stream: a KV cache
+per denoising step, noisy context), without and with Dummy Forcing (DHP), against the same baseline.
+
 Outputs: <out>/fidelity.json, fidelity.md and fidelity.png (quality vs dummy share; needs matplotlib,
 the [plot] extra). The default model is the built-in demo model.
 
     dfjax fidelity                                  # the full table into benchmarks/results/
     dfjax fidelity --prompts 1 --seeds 0 --shares 0.5 --frames 45 --out /tmp/fid   # a quick check
+    dfjax fidelity --methods stream --out benchmarks/results/stream    # what the stream sampler costs
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_SHARES = (0.0, 0.25, 0.5, 0.75)
+METHODS = ("dhp", "random", "stream")  # random needs dhp's scores
+METHOD_NAMES = {"baseline": "baseline", "dhp": "Dummy Forcing (DHP)", "random": "random dummy heads",
+                "stream": "stream batch", "dhp-stream": "stream batch + Dummy Forcing (DHP)"}
 CURRENT_THRESHOLD = 0.8
 
 
@@ -102,7 +109,7 @@ def default_prompts(num: int, seed: int = 0) -> list[str]:
 
 def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_SHARES, frames: int = 57,
                  ar_start: int = 1, local_context_length: int = 1, query_rows: str = "exact", random_draws: int = 1,
-                 log=print) -> dict:
+                 methods=("dhp", "random"), log=print) -> dict:
     import jax
     from flax import nnx
 
@@ -116,6 +123,9 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
     from dfjax.synthetic import colour_fractions, prompt_colours
     from dfjax.t2v import VideoModel
 
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or ("random" in methods and "dhp" not in methods):
+        raise ValueError(f"methods {list(methods)}: choose from {list(METHODS)} (random needs dhp).")
     folder = Path(model_folder) if model_folder else demo_model_folder()
     meta = read_config(folder)
     model = VideoModel.load(folder)
@@ -144,8 +154,14 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
 
     baseline = Generator(model.dit, base_run)
     counts = {share: int(round(share * total_heads)) for share in shares}
-    online = {s: Generator(model.dit, RunConfig(video=video, sampling=sampling, attn_impl="xla", dummy=dummy_cfg(n)))
-              for s, n in counts.items()}
+    online_run = lambda n, stream=False: RunConfig(video=video, sampling=sampling, attn_impl="xla", dummy=dummy_cfg(n),
+                                                   stream=stream)
+    online = {s: Generator(model.dit, online_run(n)) for s, n in counts.items()} if "dhp" in methods else {}
+    streams = {}
+    if "stream" in methods:
+        streams = {("stream", 0.0): Generator(model.dit, RunConfig(video=video, sampling=sampling, attn_impl="xla",
+                                                                   stream=True))}
+        streams.update({("dhp-stream", s): Generator(model.dit, online_run(n, True)) for s, n in counts.items()})
     fixed = {s: Generator(model.dit, RunConfig(video=video, sampling=sampling, attn_impl="xla", dummy=dummy_cfg(n)),
                           plan=HeadPlan.uniform(cfg.num_layers, cfg.num_heads, local_context_length=local_context_length))
              for s, n in counts.items() if n > 0}
@@ -178,7 +194,13 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
         rows.append(dict(prompt=prompt, prompt_index=pi, seed=seed, method="baseline", share=0.0, num_dummy=0,
                          colour_hits=float(np.mean([fr_b[c] >= 0.003 for c in colours])) if colours else None))
         scores = None
-        for share in shares:
+        for (method, share), gen in streams.items():
+            lat = gen.generate(ctx, seed)
+            scores = gen.scores if method == "dhp-stream" else scores
+            r = record(method, share, gen.last_plan, lat, scores if method == "dhp-stream" else None)
+            log(f"[{time.perf_counter() - t0:6.0f} s] prompt {pi} seed {seed} {method} share {share:.2f}: psnr "
+                f"{r['psnr_planned']:.2f} ssim {r['ssim_planned']:.3f}")
+        for share in shares if online else ():
             gen = online[share]
             lat = gen.generate(ctx, seed)
             scores = gen.scores
@@ -200,8 +222,9 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
     all_scores = np.stack([np.asarray(s["scores"]) for s in score_sets])  # [videos, L, H, 3]
     current_share = (all_scores[..., 2] > CURRENT_THRESHOLD).mean(axis=(1, 2))
     summary = []
-    for method, share in [("baseline", 0.0)] + [(m, s) for s in shares for m in ("dhp", "random")
-                                                if not (m == "random" and counts[s] == 0)]:
+    ran = [("baseline", 0.0)] + [(m, s) for s in shares for m in ("dhp", "random")
+                                 if m in methods and not (m == "random" and counts[s] == 0)] + list(streams)
+    for method, share in ran:
         sel = [r for r in rows if r["method"] == method and r["share"] == share]
         agg = dict(method=method, share=share, num_dummy=counts.get(share, 0) if method != "baseline" else 0,
                    videos=len(sel))
@@ -209,7 +232,7 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
                   "colour_hits"):
             vals = [r[k] for r in sel if r.get(k) is not None and np.isfinite(r[k])]
             agg[k] = float(np.mean(vals)) if vals else None
-        if method != "baseline":
+        if any("kept" in r for r in sel):
             for k in ("total", "sink", "neighbour", "dummy"):
                 vals = [r["kept"][k] for r in sel if r["kept"][k] is not None]
                 agg[f"kept_{k}"] = float(np.mean(vals)) if vals else None
@@ -233,7 +256,7 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
                            packed_dummy=True, normalize="release", first_planned_latent_frame=first_planned,
                            first_planned_pixel_frame=first_planned_px),
         heads=dict(layers=cfg.num_layers, heads_per_layer=cfg.num_heads, total=total_heads),
-        prompts=prompts, seeds=list(seeds), shares=list(shares), random_draws=random_draws,
+        prompts=prompts, seeds=list(seeds), shares=list(shares), random_draws=random_draws, methods=list(methods),
         current_chunk_heads=dict(threshold=CURRENT_THRESHOLD, share_mean=float(current_share.mean()),
                                  share_min=float(current_share.min()), share_max=float(current_share.max()),
                                  per_layer=(mean_scores[..., 2] > CURRENT_THRESHOLD).sum(1).tolist()),
@@ -270,10 +293,10 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in res["summary"]:
-        name = {"baseline": "baseline", "dhp": "Dummy Forcing (DHP)", "random": "random dummy heads"}[a["method"]]
-        kept = "-" if a["method"] == "baseline" else _fmt(a.get("kept_total"), ".3f")
-        per = "-" if a["method"] == "baseline" else " / ".join(_fmt(a.get(f"kept_{k}"), ".3f")
-                                                                for k in ("sink", "neighbour", "dummy"))
+        name = METHOD_NAMES[a["method"]]
+        kept = _fmt(a.get("kept_total"), ".3f")
+        per = "-" if "kept_total" not in a else " / ".join(_fmt(a.get(f"kept_{k}"), ".3f")
+                                                            for k in ("sink", "neighbour", "dummy"))
         psnr_s = "inf" if a["method"] == "baseline" else _fmt(a["psnr"])
         lines.append(f"| {name} | {a['share']:.0%} | {a['num_dummy']} | {psnr_s} | "
                      f"{'1' if a['method'] == 'baseline' else _fmt(a['ssim'], '.4f')} | "
@@ -351,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-context-length", type=int, default=1)
     p.add_argument("--query-rows", default="exact", choices=["release", "paper", "exact"])
     p.add_argument("--random-draws", type=int, default=1, help="random plans per video and share")
+    p.add_argument("--methods", default="dhp,random", help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--out", default="benchmarks/results", help="folder for fidelity.json / .md / .png")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -365,7 +389,7 @@ def main(argv=None) -> int:
     res = run_fidelity(a.model, prompts, seeds=[int(s) for s in a.seeds.split(",")],
                        shares=[float(s) for s in a.shares.split(",")], frames=a.frames, ar_start=a.ar_start,
                        local_context_length=a.local_context_length, query_rows=a.query_rows,
-                       random_draws=a.random_draws, log=lambda s: print(s, flush=True))
+                       random_draws=a.random_draws, methods=a.methods.split(","), log=lambda s: print(s, flush=True))
     for path in write_reports(res, Path(a.out), make_plot=not a.no_plot):
         print(f"wrote {path}")
     print(markdown(res))

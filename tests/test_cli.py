@@ -20,16 +20,17 @@ def demo_cache(tmp_path_factory):
     mp.undo()
 
 
-def test_generate_writes_the_asked_video(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--stream", "--dummy-forcing"]], ids=["sequential", "stream"])
+def test_generate_writes_the_asked_video(tmp_path, extra):
     out = tmp_path / "v.mp4"
     timing = tmp_path / "t.json"
     rc = main(["generate", "--prompt", "a red square moves left", "--out", str(out), "--height", "48", "--width", "64",
-               "--frames", "21", "--fps", "12", "--timing-json", str(timing), "--quiet"])
+               "--frames", "33", "--fps", "12", "--timing-json", str(timing), "--quiet", *extra])
     assert rc == 0
     info = read_mp4_info(out)
-    assert info == {"frames": 21, "width": 64, "height": 48, "fps": 12.0}
+    assert info == {"frames": 33, "width": 64, "height": 48, "fps": 12.0}  # 3 chunks: stream mode streams one
     t = json.loads(timing.read_text())[0]
-    assert t["frames"] == 21 and t["e2e_s"] > 0 and t["diffusion_fps"] > 0
+    assert t["frames"] == 33 and t["e2e_s"] > 0 and t["diffusion_fps"] > 0
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".mp4"] == ["v.mp4"]  # no partial file left
 
 

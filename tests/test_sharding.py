@@ -200,8 +200,7 @@ def test_shardable_plan_with_dhp_scores_and_tensor_one_is_the_plan():
 
 # ------------------------------------------------------------------------------------------------ 8 devices
 
-@pytest.fixture(scope="module")
-def device_report(tmp_path_factory):
+def _child_report(tmp_path_factory, part: str) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "report.json"
     env = dict(os.environ)
     env.update(
@@ -210,10 +209,23 @@ def device_report(tmp_path_factory):
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
     )
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, part, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
     if proc.returncode:
         pytest.fail(f"device checks failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return json.loads(out.read_text())
+
+
+# Two children: one process that compiles every program of both parts held too many executables for XLA:CPU
+# (jax 0.11.2 crashed compiling the last ones; each executable keeps its own memory mappings).
+@pytest.fixture(scope="module")
+def device_report(tmp_path_factory):
+    return _child_report(tmp_path_factory, "tensor")
+
+
+@pytest.fixture(scope="module")
+def stream_report(tmp_path_factory):
+    return _child_report(tmp_path_factory, "stream")
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
@@ -277,8 +289,8 @@ def test_generator_on_a_mesh_rounds_the_plan_and_picks_a_partitionable_kernel(de
     assert device_report["attn_impl"] == {"auto": "xla", "pallas_error": True}
 
 
-def test_stream_stages_on_a_mesh_equal_one_device(device_report):
-    r = device_report["stream"]
+def test_stream_stages_on_a_mesh_equal_one_device(stream_report):
+    r = stream_report
     assert set(r) == {f"{k} {m}" for k in ("baseline", "dummy") for m in ("1x2", "1x4", "2x4")}
     for name, entry in r.items():
         assert entry["max_abs_diff"] < 2e-5, (name, entry)
@@ -289,7 +301,17 @@ def test_stream_stages_on_a_mesh_equal_one_device(device_report):
     assert r["baseline 1x4"]["shift_collectives"] == ["collective-permute"]
 
 
-# ------------------------------------------------------------------------------------------------ the child
+# ------------------------------------------------------------------------------------------------ the children
+
+def _plan_8() -> HeadPlan:
+    """A packed plan of 2 layers x 16 heads whose groups split over 8: layer 0 groups (8, 8), layer 1 (16, 0)."""
+    rng = np.random.default_rng(0)
+    types = np.full((2, 16), NEIGHBOUR)
+    types[0, rng.permutation(16)[:8]] = [SINK] * 3 + [DUMMY] * 5
+    types[1, :] = DUMMY
+    types[1, rng.permutation(16)[:6]] = SINK
+    return HeadPlan(types, local_context_length=1)
+
 
 def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
     import jax
@@ -343,12 +365,8 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
             report["cache_gathers"]["baseline"] = gathers(compiled, capacities(layout))
 
     # Dummy Forcing with a plan whose groups split over 8: layer 0 groups (8, 8), layer 1 (16, 0)
-    rng = np.random.default_rng(0)
-    types = np.full((2, 16), NEIGHBOUR)
-    types[0, rng.permutation(16)[:8]] = [SINK] * 3 + [DUMMY] * 5
-    types[1, :] = DUMMY
-    types[1, rng.permutation(16)[:6]] = SINK
-    plan = HeadPlan(types, local_context_length=1)
+    plan = _plan_8()
+    types = np.asarray(plan.head_types)
     assert plan_is_shardable(plan, 8)
     dfrun = RunConfig(video=video, sampling=sampling, attn_impl="xla", dummy=DummyForcingConfig(ar_start=0))
     ref = np.asarray(Generator(model, dfrun, batch=batch, plan=plan).generate(ctx, seed=5))
@@ -414,9 +432,27 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
         pallas_error = True
     report["attn_impl"] = {"auto": g.attn_impl, "pallas_error": pallas_error}
 
+    Path(report_path).write_text(json.dumps(report))
+
+
+def _stream_checks(report_path: str) -> None:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape, WanConfig
+    from dfjax.model.transformer import WanDiT
+    from dfjax.pipeline import Generator, RunConfig
+
+    cfg, sampling, batch = WanConfig.tiny(num_heads=16, dim=96), SamplingConfig(chunk_frames=2), 8
+    model = WanDiT(cfg, nnx.Rngs(0))
+    ctx = jax.random.normal(jax.random.PRNGKey(1), (batch, cfg.text_len, cfg.text_dim))
+    plan = _plan_8()
+    report: dict = {}
     # stream batch: a group's devices are the pipeline's stages (4 denoising steps over 2 or 4 devices; 2x4 also
     # splits the batch over data); with Dummy Forcing the prefill is tensor-parallel, then the plan streams
-    report["stream"] = {}
     svideo = VideoShape(height=32, width=48, frames=37)  # 5 chunks of 2
     for name, srun, kw in (
             ("baseline", RunConfig(video=svideo, sampling=sampling, attn_impl="xla", stream=True), {}),
@@ -438,10 +474,10 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
                 entry["shift_collectives"] = collectives(g._stream._shift.lower(
                     jax.device_put(jnp.zeros((4, batch, 2, 4, 6, cfg.in_channels)),
                                    step.input_shardings[0][3])).compile())
-            report["stream"][f"{name} {d}x{t}"] = entry
+            report[f"{name} {d}x{t}"] = entry
 
     Path(report_path).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    _device_checks(sys.argv[1])
+    {"tensor": _device_checks, "stream": _stream_checks}[sys.argv[1]](sys.argv[2])

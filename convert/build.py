@@ -8,7 +8,7 @@ from pathlib import Path
 
 from convert.common import ConversionError
 from dfjax.config import WanConfig, config_from_dict
-from dfjax.model_io import write_model_folder
+from dfjax.model_io import FLUSH_BYTES, write_model_folder
 
 
 def _given_config(config: str | None) -> WanConfig | None:
@@ -39,7 +39,7 @@ def transformer_part(src, config=None, num_heads=None, ema=True, lora=None, lora
         check_config(cfg, given)
         cfg = given
     cfg = replace(cfg, param_dtype=dtype)
-    return cfg, convert_transformer(sd, cfg)  # each tensor cast to the model's parameter dtype as it is converted
+    return cfg, convert_transformer(sd, cfg, stream=True)  # tensors converted (and cast) as the writer asks
 
 
 def _has_entry(path, key) -> bool:
@@ -58,7 +58,7 @@ def text_encoder_part(src, dtype="bfloat16"):
     sd = read_state_dict(src)
     cfg = infer_text_encoder_config(sd)
     cfg = replace(cfg, param_dtype=dtype)
-    return cfg, text_encoder_params(sd, cfg, source=str(src))
+    return cfg, text_encoder_params(sd, cfg, source=str(src), stream=True)
 
 
 def vae_part(src, dtype="bfloat16"):
@@ -66,12 +66,14 @@ def vae_part(src, dtype="bfloat16"):
 
     sd, hf = read_vae_checkpoint(src)
     cfg = infer_vae_config(sd, hf, param_dtype=dtype)
-    return cfg, convert_vae(sd, cfg)
+    return cfg, convert_vae(sd, cfg, stream=True)
 
 
 def convert_model_folder(src, out, *, config=None, num_heads=None, ema=True, lora=None, lora_alpha=None,
-                         text_encoder=None, vae=None, tokenizer=None, dtype="bfloat16", overwrite=False) -> Path:
-    """Converts every given part, then writes the folder in one atomic step (nothing half-written)."""
+                         text_encoder=None, vae=None, tokenizer=None, dtype="bfloat16", overwrite=False,
+                         flush_bytes=FLUSH_BYTES) -> Path:
+    """Converts every given part into the folder, tensor by tensor as it is written (host memory holds about
+    `flush_bytes` of the output, never a whole part), and makes the folder appear in one atomic step."""
     if Path(out).exists() and not overwrite:
         raise ConversionError(f"{out} already exists; choose another output path or pass --overwrite.")
     configs, params, dirs = {}, {}, {}
@@ -87,4 +89,4 @@ def convert_model_folder(src, out, *, config=None, num_heads=None, ema=True, lor
         load_tokenizer(tokenizer)  # fails now, with the fix, rather than at generation time
         dirs["tokenizer"] = tokenizer
     meta = {k: v.__dict__ for k, v in configs.items()}
-    return write_model_folder(out, meta, params, copy_dirs=dirs, overwrite=overwrite)
+    return write_model_folder(out, meta, params, copy_dirs=dirs, overwrite=overwrite, flush_bytes=flush_bytes)

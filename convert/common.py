@@ -159,23 +159,24 @@ class Rule:
     transform: Callable[[np.ndarray], np.ndarray] = identity
 
 
-def apply_key_map(
-    sd: dict[str, np.ndarray],
-    rules: list[Rule],
-    expected: Mapping[str, object],
-    source: str = "checkpoint",
-    ignore: tuple[str, ...] = (),
-) -> dict[str, np.ndarray]:
+def apply_key_map(sd, rules, expected, source="checkpoint", ignore=(), stream=False):
     """Maps every torch key through exactly one rule and checks the result against `expected` shapes.
 
     expected: {flat dfjax key: anything with .shape, and .dtype to store it in} (e.g. dfjax.params.abstract_params):
     each tensor is read, transformed and cast one at a time (with a LazyTensor source, the whole model is never in
     host memory twice). Any unmapped, duplicate, missing or misshaped key raises ConversionError naming it.
     Keys matching a regex in `ignore` are dropped (buffers such as rotary tables).
+    Returns {flat key: array}, or with stream=True an iterator of (flat key, array) pairs that converts each
+    tensor only when it is asked for (a writer can then hold a few tensors at a time, never the model); its
+    checks for missing and unexpected keys raise at its end.
     """
+    items = _key_map_items(sd, rules, expected, source, ignore)
+    return items if stream else dict(items)
+
+
+def _key_map_items(sd, rules, expected, source, ignore):
     compiled = [(re.compile(r.pattern + r"\Z"), r) for r in rules]
     ignored = [re.compile(p + r"\Z") for p in ignore]
-    out: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
     unexpected = []
     for key, value in sd.items():
@@ -189,7 +190,7 @@ def apply_key_map(
         else:
             unexpected.append(key)
             continue
-        if target in out:
+        if target in origin:
             raise ConversionError(f"{source}: keys '{origin[target]}' and '{key}' both map to '{target}'.")
         if target not in expected:
             unexpected.append(key)
@@ -205,14 +206,13 @@ def apply_key_map(
                 f"the model expects {want} for '{target}'. Is --config the right model size?"
             )
         dtype = getattr(expected[target], "dtype", None)
-        out[target] = arr if dtype is None else arr.astype(dtype, copy=False)
         origin[target] = key
+        yield target, (arr if dtype is None else arr.astype(dtype, copy=False))
     if unexpected:
         raise ConversionError(
             f"{source}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}. "
             "Is this the right checkpoint format for this converter?"
         )
-    missing = sorted(set(expected) - set(out))
+    missing = sorted(set(expected) - set(origin))
     if missing:
         raise ConversionError(f"{source}: {len(missing)} missing key(s) for the model, e.g. {missing[:5]}.")
-    return out

@@ -118,12 +118,13 @@ def infer_text_encoder_config(sd: dict[str, np.ndarray], base: UMT5Config | None
     )
 
 
-def text_encoder_params(sd: dict[str, np.ndarray], cfg: UMT5Config, source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """A UMT5 state dict (either format) -> flat dfjax params, every key and shape checked against `cfg`."""
+def text_encoder_params(sd: dict[str, np.ndarray], cfg: UMT5Config, source: str = "checkpoint", stream: bool = False):
+    """A UMT5 state dict (either format) -> flat dfjax params, every key and shape checked against `cfg`
+    (stream: see convert.common.apply_key_map)."""
     fmt, sd = _canonical(sd)
     expected = abstract_params(lambda: UMT5Encoder(cfg, nnx.Rngs(0)))
     # stored in the model's parameter dtype (bf16 through ml_dtypes), cast tensor by tensor
-    return apply_key_map(sd, _FORMATS[fmt]["rules"], expected, source=f"{source} ({fmt} UMT5)")
+    return apply_key_map(sd, _FORMATS[fmt]["rules"], expected, source=f"{source} ({fmt} UMT5)", stream=stream)
 
 
 def convert_text_encoder(src: str | Path, cfg: UMT5Config) -> dict[str, np.ndarray]:

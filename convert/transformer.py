@@ -194,7 +194,7 @@ def read_transformer_state(src: str | Path, ema: bool = True) -> tuple[dict, dic
     return sd, extra
 
 
-def convert_transformer(sd: dict, cfg: WanConfig) -> dict[str, np.ndarray]:
+def convert_transformer(sd: dict, cfg: WanConfig, stream: bool = False):
     """A bare-named state dict -> dfjax flat params for `cfg`, with every key and shape checked."""
     from flax import nnx
 
@@ -205,4 +205,5 @@ def convert_transformer(sd: dict, cfg: WanConfig) -> dict[str, np.ndarray]:
     expected = abstract_params(lambda: WanDiT(cfg, nnx.Rngs(0)))
     rules = wan_rules() if fmt == "wan" else diffusers_rules()
     # Wan keeps RoPE tables as plain attributes; diffusers registers none in the state dict either.
-    return apply_key_map(sd, rules, expected, source=f"{fmt} transformer checkpoint", ignore=(r"freqs",))
+    return apply_key_map(sd, rules, expected, source=f"{fmt} transformer checkpoint", ignore=(r"freqs",),
+                         stream=stream)

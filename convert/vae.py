@@ -183,11 +183,11 @@ def read_vae_checkpoint(src: str | Path) -> tuple[dict[str, np.ndarray], dict | 
     return read_state_dict(src), hf
 
 
-def convert_vae(src: str | Path | Mapping[str, np.ndarray], cfg: WanVAEConfig | None = None) -> dict[str, np.ndarray]:
+def convert_vae(src: str | Path | Mapping[str, np.ndarray], cfg: WanVAEConfig | None = None, stream: bool = False):
     """A Wan2.1 VAE checkpoint (path, diffusers folder or state dict) -> dfjax flat parameters of WanVAE(cfg).
 
     cfg None: inferred from the checkpoint. A cfg with with_encoder=False skips the checkpoint's encoder.
-    Any unmapped, missing or misshaped key raises ConversionError naming it.
+    Any unmapped, missing or misshaped key raises ConversionError naming it. stream: see apply_key_map.
     """
     if isinstance(src, Mapping):
         sd, hf, source = dict(src), None, "VAE state dict"
@@ -198,4 +198,5 @@ def convert_vae(src: str | Path | Mapping[str, np.ndarray], cfg: WanVAEConfig | 
     # A decode-only model leaves the encoder and the quant conv (release 'conv1', diffusers 'quant_conv') out.
     ignore = () if cfg.with_encoder else (r"encoder\..*", r"conv1\..*" if fmt == "wan" else r"quant_conv\..*")
     expected = abstract_params(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
-    return apply_key_map(sd, vae_rules(cfg, fmt), expected, source=f"{source} ({fmt} layout)", ignore=ignore)
+    return apply_key_map(sd, vae_rules(cfg, fmt), expected, source=f"{source} ({fmt} layout)", ignore=ignore,
+                         stream=stream)

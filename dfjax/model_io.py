@@ -6,6 +6,11 @@ Layout of a folder:
     text_encoder/      (optional) likewise
     vae/               (optional) likewise
     tokenizer/         (optional) tokenizer files, loaded with transformers
+
+A component given as a dict is one Orbax save. One given as an iterator of (key, array) pairs (conversion
+converts tensor by tensor) is written as it comes, a batch of about `flush_bytes` at a time, through Orbax's
+partial saving (the checkpoint is then one level down, in its "state" item), so host memory holds one batch,
+never the component: the 14B DiT is 28 GB in bf16.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -23,6 +28,7 @@ import numpy as np
 FORMAT = "dfjax-model"
 VERSION = 1
 COMPONENTS = ("transformer", "text_encoder", "vae")
+FLUSH_BYTES = 1 << 30  # a streamed component is written in batches of about this many bytes
 
 
 class ModelFolderError(ValueError):
@@ -32,13 +38,16 @@ class ModelFolderError(ValueError):
 def write_model_folder(
     out: str | Path,
     config: Mapping[str, dict],
-    params: Mapping[str, Mapping[str, np.ndarray]],
+    params: Mapping[str, Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]],
     copy_dirs: Mapping[str, str | Path] | None = None,
     overwrite: bool = False,
+    flush_bytes: int = FLUSH_BYTES,
 ) -> Path:
     """Writes a complete model folder to a temporary sibling, then renames it into place.
 
-    A failure or interruption at any point leaves nothing under `out`.
+    A component's parameters are a dict, or an iterator of (key, array) written batch by batch (see above).
+    A failure or interruption at any point, a conversion error raised by such an iterator included, leaves
+    nothing under `out`.
     """
     import orbax.checkpoint as ocp
 
@@ -53,9 +62,12 @@ def write_model_folder(
     try:
         meta = {"format": FORMAT, "version": VERSION, **{k: dict(v) for k, v in config.items()}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        with ocp.StandardCheckpointer() as ckpt:
-            for name, flat in params.items():
-                ckpt.save(tmp / name, {k: np.asarray(v) for k, v in flat.items()})
+        for name, flat in params.items():
+            if isinstance(flat, Mapping):
+                with ocp.StandardCheckpointer() as ckpt:
+                    ckpt.save(tmp / name, {k: np.asarray(v) for k, v in flat.items()})
+            else:
+                _write_streamed(tmp / name, flat, flush_bytes)
         for name, src in (copy_dirs or {}).items():
             shutil.copytree(src, tmp / name)
         if out.exists():  # overwrite: move the old folder aside only once the new one is complete
@@ -69,6 +81,31 @@ def write_model_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_streamed(path: Path, items: Iterable[tuple[str, np.ndarray]], flush_bytes: int) -> None:
+    from orbax.checkpoint.experimental.v1 import partial
+
+    batch, size, saved = {}, 0, False
+    for key, value in items:
+        batch[key] = np.asarray(value)
+        size += batch[key].nbytes
+        if size >= flush_bytes:
+            partial.save(path, batch)  # each batch goes to disk (its own OCDBT files) and is dropped here
+            batch, size, saved = {}, 0, True
+    if batch or not saved:
+        partial.save(path, batch)
+    partial.finalize(path)
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """Where a component's PyTree checkpoint is: the folder itself, or the item of a partially saved one."""
+    if (path / "_METADATA").is_file():
+        return path
+    items = [d for d in sorted(path.iterdir()) if (d / "_METADATA").is_file()] if path.is_dir() else []
+    if len(items) != 1:
+        raise ModelFolderError(f"{path} holds no Orbax checkpoint; the folder is damaged: convert it again.")
+    return items[0]
 
 
 def read_config(folder: str | Path) -> dict:
@@ -112,6 +149,7 @@ def load_params(
     for k, a in abstract.items():
         s = shardings[k] if isinstance(shardings, Mapping) else shardings
         target[k] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    path = _checkpoint_dir(path)
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(path)
         stored = _stored_shapes(meta)

@@ -6,6 +6,7 @@ RoPE are invariant to a head permutation), so the compiled loop never gathers he
 has its own cache with its own static shape:
   packed (release): [sink + dummy heads: 1 frame + chunk] and [neighbour heads: L chunks + chunk];
   paper:            [sink: 1 frame + chunk], [dummy: chunk], [neighbour: L chunks + chunk].
+A group without heads in a layer is left out of that layer's layout.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def plan_layout(plan: HeadPlan, tokens_per_frame: int, chunk_frames: int) -> Att
         else:
             groups = (GroupLayout(n_sink, 1, chunk_frames), GroupLayout(n_dummy, 0, chunk_frames),
                       GroupLayout(n_nbr, 0, window))
-        layers.append(groups)
+        # a group without heads has no cache (no zero-size arrays: XLA:CPU of jax 0.11.2 crashed compiling them
+        # inside shard_map, and they are nothing to attend to anyway)
+        layers.append(tuple(g for g in groups if g.num_heads))
     return AttentionLayout(tuple(layers), tokens_per_frame, chunk_frames)
 
 

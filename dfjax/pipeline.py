@@ -31,7 +31,7 @@ from dfjax.config import CacheConfig, DummyForcingConfig, SamplingConfig, VideoS
 from dfjax.dummy import HeadPlan, QueryRowSampling
 from dfjax.model.rope import rope_tables
 from dfjax.model.transformer import WanDiT
-from dfjax.sampling import schedule_arrays
+from dfjax.sampling import chunk_noise, schedule_arrays
 from dfjax.sharding import Placement, Rules
 from dfjax.stream import StreamRunner
 
@@ -94,8 +94,7 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, score_rows=None, *
     nxt = jnp.append(next_sigmas, 0.0)
     cf = shape[1]
     frame_start = chunk * cf
-    key = jax.random.fold_in(key, chunk)
-    x = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+    x = chunk_noise(key, chunk, 0, shape)
     cfg = model.cfg
     scores = None if score is None else jnp.zeros((cfg.num_layers, cfg.num_heads, 3), jnp.float32)
 
@@ -111,7 +110,7 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, score_rows=None, *
         if score is not None:
             scores = jnp.where(score_kw["score_now"], s, scores)
         x0 = jnp.where(i < n, x - sig[i] * flow, x0)
-        noise = jax.random.normal(jax.random.fold_in(key, i + 1), shape, jnp.float32)
+        noise = chunk_noise(key, chunk, i + 1, shape)
         x = (1 - nxt[i]) * x0 + nxt[i] * noise  # fresh noise at every step (Self Forcing)
         return x, x0, cache, scores
 

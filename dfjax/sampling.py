@@ -5,6 +5,7 @@ Host-side numpy: timesteps and sigmas are computed once per config, then enter j
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,6 +37,12 @@ def schedule(cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
         timesteps = steps
     sigmas = table_s[np.argmin(np.abs(table_t[None, :] - timesteps[:, None]), axis=1)]
     return timesteps, sigmas
+
+
+def chunk_noise(key, chunk, step, shape):
+    """The Gaussian draws of one chunk: step 0 its initial noise, step i+1 the re-noising after step i. Keyed by
+    (seed, chunk, step) alone, so every sampler (sequential or stream batch) draws the same numbers."""
+    return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, chunk), step), shape, jnp.float32)
 
 
 def x0_from_flow(x_t, flow, sigma):

@@ -33,12 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dfjax.cache import AttentionLayout
-
-
-def chunk_noise(key, chunk, step, shape):
-    """The Gaussian noise of denoising step `step` of chunk `chunk` (step 0: the initial noise); the same
-    draws as the sequential loop's (dfjax.pipeline._chunk_step)."""
-    return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, chunk), step), shape, jnp.float32)
+from dfjax.sampling import chunk_noise
 
 
 def slot_forward(model, x, s, chunk, text_kv, cache, noise, *, layout, schedule, rope, impl):

@@ -216,8 +216,8 @@ def _child_report(tmp_path_factory, part: str) -> dict:
     return json.loads(out.read_text())
 
 
-# Two children: one process that compiles every program of both parts held too many executables for XLA:CPU
-# (jax 0.11.2 crashed compiling the last ones; each executable keeps its own memory mappings).
+# Two children, one per part, so that a crash in one (XLA:CPU of jax 0.11.2 once segfaulted compiling a zero-size
+# cache inside shard_map) still reports the other.
 @pytest.fixture(scope="module")
 def device_report(tmp_path_factory):
     return _child_report(tmp_path_factory, "tensor")

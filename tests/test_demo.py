@@ -142,7 +142,9 @@ def test_cpu_friendly_convs_compute_the_same_vae():
     ref = np.asarray(run(x))
     with cpu_friendly_convs():
         got = np.asarray(run(x))
-    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # fp32, summed in another order through ~20 convolutions: jax 0.11.2's CPU convs differ by up to 1.4e-5 (3.5e-5
+    # relative) on outputs of ~0.4, jax 0.10.2's by less than 1e-5
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the shipped model

@@ -133,7 +133,7 @@ class StreamRunner:
                       P()),
             out_specs=(x_spec, spec(cache, True)), check_vma=False,
         )(params, text_kv, cache, x, key, tick, j)
-        # explicit: XLA would call an empty head group's output replicated, and the next call refuse it
+        # explicit: the next call takes these outputs as inputs and needs them in exactly these shardings
         return jax.jit(step, donate_argnums=(2, 3), out_shardings=(
             NamedSharding(self.mesh, x_spec), self._shardings(cache, True)))
 

@@ -86,6 +86,8 @@ class StreamRunner:
         self.shape, self.schedule, self.rope, self.impl, self.num_chunks = shape, schedule, rope, impl, num_chunks
         self._steps = {}  # (layout, first chunk) -> compiled slot step
         self._shift = None
+        self._stacks = {}  # tree structure -> jitted stacking onto every stage
+        self._params_in = self._params = None  # the last parameters given, and their copy on every stage
 
     # -- placement --------------------------------------------------------------------------------
     def _spec(self, stage_axis: bool, ndim: int):
@@ -95,12 +97,23 @@ class StreamRunner:
     def _shardings(self, tree, stage_axis: bool):
         return jax.tree.map(lambda a: NamedSharding(self.mesh, self._spec(stage_axis, a.ndim)), tree)
 
-    def _slot_arrays(self, slot_of_stage):
-        """One slot's arrays with a leading stage axis: slot_of_stage(stage) for every stage, placed."""
-        make = lambda: jax.tree.map(lambda *a: jnp.stack(a), *[slot_of_stage(i) for i in range(self.stages)])
+    def _on_every_stage(self, tree):
+        """A slot's arrays for every stage: `tree` with a leading stage axis [S, ...], placed. Jitted once per
+        tree structure (a cache layout, the latents), not once per video."""
+        key = (jax.tree.structure(tree), tuple(a.ndim for a in jax.tree.leaves(tree)))
+        if key not in self._stacks:
+            stack = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a[None], (self.stages,) + a.shape), t)
+            out = None if self.mesh is None else self._shardings(jax.eval_shape(stack, tree), True)
+            self._stacks[key] = jax.jit(stack, out_shardings=out)
+        return self._stacks[key](tree)
+
+    def _replicated_params(self, params):
+        """The whole DiT on every stage; the Generator's own parameters (every baseline video) are copied once."""
         if self.mesh is None:
-            return make()
-        return jax.jit(make, out_shardings=self._shardings(jax.eval_shape(make), True))()
+            return params
+        if self._params_in is not params:
+            self._params_in, self._params = params, jax.device_put(params, NamedSharding(self.mesh, P()))
+        return self._params
 
     # -- programs ---------------------------------------------------------------------------------
     def _step_fn(self, layout: AttentionLayout, first: int, cache):
@@ -159,11 +172,11 @@ class StreamRunner:
     def chunks(self, params, text_kv, cache, key, layout: AttentionLayout, first: int, on_compile):
         """Yields (chunk index, latents) for chunks first..num_chunks-1 in order. `cache`: the prefill's cache
         after chunk first-1; on_compile(seconds) is told of compile time."""
+        params = self._replicated_params(params)
         if self.mesh is not None:
-            params = jax.device_put(params, NamedSharding(self.mesh, P()))  # every stage runs the whole DiT
             text_kv = jax.device_put(text_kv, self._shardings(text_kv, False))  # all heads (a prefill split them)
-        caches = [self._slot_arrays(lambda _: cache) for _ in range(self.slots)]  # local slot j on every stage
-        xs = [self._slot_arrays(lambda _: jnp.zeros(self.shape, jnp.float32)) for _ in range(self.slots)]
+        caches = [self._on_every_stage(cache) for _ in range(self.slots)]  # local slot j on every stage
+        xs = [self._on_every_stage(jnp.zeros(self.shape, jnp.float32)) for _ in range(self.slots)]
         for k in range(self.num_chunks - first + self.n - 1):
             outs = []
             for j in range(self.slots):

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import attention as attn  # noqa: E402
-from kernels import paf_gpu  # noqa: E402
+from dfjax.kernels import attention as attn  # noqa: E402
+from dfjax.kernels import paf_gpu  # noqa: E402
 
 D, HEADS, CHUNK_FRAMES = 128, 12, 3
 TOKENS_PER_FRAME = {"480p": 1560, "720p": 3600, "1080p": 8160}

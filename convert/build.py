@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from convert.common import ConversionError
+from dfjax.convert.common import ConversionError
 from dfjax.config import WanConfig, config_from_dict
 from dfjax.model_io import FLUSH_BYTES, write_model_folder
 
@@ -23,8 +23,8 @@ def _given_config(config: str | None) -> WanConfig | None:
 
 
 def transformer_part(src, config=None, num_heads=None, ema=True, lora=None, lora_alpha=None, dtype="bfloat16"):
-    from convert.common import read_state_dict
-    from convert.transformer import check_config, convert_transformer, detect_format, infer_config, merge_lora, \
+    from dfjax.convert.common import read_state_dict
+    from dfjax.convert.transformer import check_config, convert_transformer, detect_format, infer_config, merge_lora, \
         read_transformer_state
 
     sd, extra = read_transformer_state(src, ema=ema)
@@ -46,14 +46,14 @@ def _has_entry(path, key) -> bool:
     path = Path(path)
     if path.suffix not in (".pt", ".pth", ".bin"):
         return False
-    from convert.common import read_torch_file
+    from dfjax.convert.common import read_torch_file
 
     return key in read_torch_file(path)
 
 
 def text_encoder_part(src, dtype="bfloat16"):
-    from convert.common import read_state_dict
-    from convert.text_encoder import infer_text_encoder_config, text_encoder_params
+    from dfjax.convert.common import read_state_dict
+    from dfjax.convert.text_encoder import infer_text_encoder_config, text_encoder_params
 
     sd = read_state_dict(src)
     cfg = infer_text_encoder_config(sd)
@@ -62,7 +62,7 @@ def text_encoder_part(src, dtype="bfloat16"):
 
 
 def vae_part(src, dtype="bfloat16"):
-    from convert.vae import convert_vae, infer_vae_config, read_vae_checkpoint
+    from dfjax.convert.vae import convert_vae, infer_vae_config, read_vae_checkpoint
 
     sd, hf = read_vae_checkpoint(src)
     cfg = infer_vae_config(sd, hf, param_dtype=dtype)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from convert.common import ConversionError, Rule, apply_key_map, linear, read_state_dict
+from dfjax.convert.common import ConversionError, Rule, apply_key_map, linear, read_state_dict
 from dfjax.model.text_encoder import UMT5Config, UMT5Encoder
 from dfjax.params import abstract_params
 

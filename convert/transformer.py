@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.common import ConversionError, Rule, apply_key_map, linear, read_state_dict, read_torch_file, strip_prefixes
+from dfjax.convert.common import ConversionError, Rule, apply_key_map, linear, read_state_dict, read_torch_file, strip_prefixes
 from dfjax.config import WanConfig
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")

@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from convert.common import ConversionError, Rule, apply_key_map, conv2d, conv3d, identity, read_state_dict
+from dfjax.convert.common import ConversionError, Rule, apply_key_map, conv2d, conv3d, identity, read_state_dict
 from dfjax.model.vae import WanVAE, WanVAEConfig
 from dfjax.params import abstract_params
 

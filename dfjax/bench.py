@@ -94,7 +94,7 @@ def _attention_seconds(gen, run, runs):
 
     from dfjax import hma
     from dfjax.cache import init_cache
-    from kernels.attention import grouped_attention
+    from dfjax.kernels.attention import grouped_attention
 
     cfg = gen.model.cfg
     layout = gen.first_layout()

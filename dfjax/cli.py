@@ -19,7 +19,7 @@ class UsageError(ValueError):
 # ---------------------------------------------------------------- convert
 
 def cmd_convert(a) -> None:
-    from convert.build import convert_model_folder
+    from dfjax.convert.build import convert_model_folder
 
     out = convert_model_folder(
         a.src, a.out, config=a.config, num_heads=a.num_heads, ema=not a.no_ema, lora=a.lora, lora_alpha=a.lora_alpha,

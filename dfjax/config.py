@@ -97,12 +97,18 @@ class SamplingConfig:
     num_train_timesteps: int = 1000
     context_noise: float = 0.0  # timestep of the cache-refresh forward
     chunk_frames: int = 3  # latent frames per autoregressive chunk
+    # Causal Forcing++: chunk 0 has a schedule of its own (`denoising_step_list_first_chunk`); None: the same
+    first_chunk_denoising_steps: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if not self.denoising_steps:
-            raise ValueError("denoising_steps is empty; give at least one timestep.")
-        if any(not 0 < t <= self.num_train_timesteps for t in self.denoising_steps):
-            raise ValueError(f"denoising_steps {self.denoising_steps} must lie in (0, {self.num_train_timesteps}].")
+        for name in ("denoising_steps", "first_chunk_denoising_steps"):
+            steps = getattr(self, name)
+            if steps is None and name != "denoising_steps":
+                continue
+            if not steps:
+                raise ValueError(f"{name} is empty; give at least one timestep.")
+            if any(not 0 < t <= self.num_train_timesteps for t in steps):
+                raise ValueError(f"{name} {steps} must lie in (0, {self.num_train_timesteps}].")
         if self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}.")
 

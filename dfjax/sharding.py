@@ -23,6 +23,7 @@ split evenly; `shardable_plan` rounds it (see there), and a Generator on a mesh 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import re
 from dataclasses import dataclass
@@ -280,12 +281,12 @@ class MeshConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "MeshConfig":
-        """A mesh config file (.json, or .yaml/.yml), or one of the presets in configs/ by name."""
+        """A mesh config file (.json, or .yaml/.yml), or one of the presets of configs/ (dfjax.configs) by name."""
         p = Path(path)
         if not p.is_file():
-            preset = Path(__file__).resolve().parent.parent / "configs" / f"{path}.json"
+            preset = importlib.resources.files("dfjax.configs") / f"{path}.json"
             if preset.is_file():
-                p = preset
+                p = Path(str(preset))
             else:
                 raise ValueError(f"mesh config {path} does not exist (a .json/.yaml file, or a preset name such as "
                                  f"'mesh-8gpu-data').")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import paf_gpu, paf_tpu
+from dfjax.kernels import paf_gpu, paf_tpu
 
 Group = tuple[jax.Array, jax.Array, jax.Array | None]
 Impl = Literal["auto", "xla", "cudnn", "pallas"]

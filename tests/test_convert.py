@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from convert.build import convert_model_folder  # noqa: E402
-from convert.common import ConversionError  # noqa: E402
+from dfjax.convert.build import convert_model_folder  # noqa: E402
+from dfjax.convert.common import ConversionError  # noqa: E402
 from dfjax.config import WanConfig  # noqa: E402
 from dfjax.model_io import ModelFolderError, read_config  # noqa: E402
 from dfjax.params import flat_state  # noqa: E402
@@ -159,7 +159,7 @@ def test_loading_a_foreign_folder_is_a_clear_error(tmp_path):
 _MEMORY_CHILD = r"""
 import json, sys
 import numpy as np
-from convert.build import convert_model_folder, transformer_part
+from dfjax.convert.build import convert_model_folder, transformer_part
 from dfjax.model_io import write_model_folder
 
 def high_water():  # peak resident set of this process so far, bytes

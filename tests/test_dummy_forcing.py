@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from convert.transformer import convert_transformer  # noqa: E402
+from dfjax.convert.transformer import convert_transformer  # noqa: E402
 from dfjax import hma  # noqa: E402
 from dfjax.cache import AttentionLayout, init_cache  # noqa: E402
 from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape, WanConfig  # noqa: E402

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention as attn
-from kernels import paf_gpu, paf_tpu
+from dfjax.kernels import attention as attn
+from dfjax.kernels import paf_gpu, paf_tpu
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 DTYPES = [jnp.float32, jnp.bfloat16]

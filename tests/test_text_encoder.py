@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.common import ConversionError
-from convert.text_encoder import convert_text_encoder, infer_text_encoder_config, text_encoder_params
+from dfjax.convert.common import ConversionError
+from dfjax.convert.text_encoder import convert_text_encoder, infer_text_encoder_config, text_encoder_params
 from dfjax.model.text_encoder import UMT5Config, UMT5Encoder, relative_position_buckets
 from dfjax.model_io import write_model_folder
 from dfjax.params import assign_params

@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from convert.transformer import convert_transformer  # noqa: E402
+from dfjax.convert.transformer import convert_transformer  # noqa: E402
 from dfjax.cache import AttentionLayout, init_cache  # noqa: E402
 from dfjax.config import WanConfig  # noqa: E402
 from dfjax.model.rope import rope_tables  # noqa: E402

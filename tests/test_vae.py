@@ -19,8 +19,8 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.common import ConversionError
-from convert.vae import convert_vae, infer_vae_config, read_vae_checkpoint
+from dfjax.convert.common import ConversionError
+from dfjax.convert.vae import convert_vae, infer_vae_config, read_vae_checkpoint
 from dfjax.model.vae import WanVAE, WanVAEConfig, decode, decode_chunk, encode, init_decoder_cache
 from dfjax.params import assign_params, flat_state
 

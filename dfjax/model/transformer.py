@@ -21,7 +21,7 @@ from dfjax.cache import AttentionLayout, refresh_packed, write_chunk
 from dfjax.config import WanConfig, dtype_of
 from dfjax.dummy.scores import frame_attention_scores
 from dfjax.model.rope import RopeTables, apply_rope, rope_cos_sin
-from kernels.attention import attention, grouped_attention
+from dfjax.kernels.attention import attention, grouped_attention
 
 
 def gelu_tanh(x):

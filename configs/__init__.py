@@ -1,0 +1,1 @@
+"""Mesh presets (JSON), installed as dfjax.configs so that `--mesh NAME` finds them in an installed wheel too."""

@@ -78,7 +78,7 @@ def profile_mode(mode, resolution, frames, tiny, attn_impl, out: Path, top: int)
     context = jax.random.normal(jax.random.PRNGKey(1), (1, 512, cfg.text_dim), jnp.float32).astype(cfg.dtype)
     kv = gen.text_kv(context)
     r = measure(lambda: (c.latents for c in gen.chunks(kv, seed=0)), out / f"trace-{mode}", top)
-    return {"mode": mode, "resolution": resolution, "frames": frames, "compile_s": gen.compile_s, **r}
+    return {"mode": mode, "resolution": resolution, "frames": frames, "compile_s": gen.stats.compile_s, **r}
 
 
 def profile_vae(resolution, frames, tiny, out: Path, top: int) -> dict:

@@ -92,21 +92,20 @@ def _attention_seconds(gen, run, runs):
     import jax
     import jax.numpy as jnp
 
-    from dfjax import hma
-    from dfjax.cache import init_cache
+    from dfjax.cache import AttentionLayout, init_cache
     from dfjax.kernels.attention import grouped_attention
 
     cfg = gen.model.cfg
-    layout = gen.first_layout()
+    layout = gen.first_layout
     plan_layout = None
-    if run.dummy is not None and gen.last_plan is not None:
-        plan_layout = hma.plan_layout(gen.last_plan, layout.tokens_per_frame, layout.chunk_frames)
+    if gen.dummy is not None and gen.stats.last_plan is not None:
+        plan_layout = gen.dummy.layout(gen.stats.last_plan)
     tpf, cf = layout.tokens_per_frame, layout.chunk_frames
     lq = tpf * cf
     q = jax.random.normal(jax.random.PRNGKey(0), (1, lq, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     steps = len(run.sampling.denoising_steps)
-    fn = jax.jit(lambda q, cache, lens: grouped_attention(
-        q, tuple((k, v, n) for (k, v), n in zip(cache, lens)), impl=run.attn_impl))
+    fn = jax.jit(lambda q, groups, end: grouped_attention(
+        q, tuple((g.k, g.v, g.valid_tokens(end)) for g in groups), impl=gen.attn_impl))
     total = 0.0
     for c in range(run.num_chunks):
         lay = plan_layout if (plan_layout is not None and c > run.dummy.ar_start) else layout
@@ -114,12 +113,12 @@ def _attention_seconds(gen, run, runs):
         for layer in lay.layers:  # identical layers share one timing
             shapes[layer] = shapes.get(layer, 0) + 1
         for layer, count in shapes.items():
-            cache = init_cache(type(lay)((layer,), tpf, cf), 1, cfg.head_dim, jnp.bfloat16)[0]
-            cache = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype), cache)
-            end = (c + 1) * cf
-            lens = [jnp.int32(g.valid_frames(end) * tpf) for g in layer]
-            jax.block_until_ready(fn(q, cache, lens))
-            t = statistics.median(_timed(lambda: jax.block_until_ready(fn(q, cache, lens)), max(runs, 3)))
+            groups = init_cache(AttentionLayout((layer,), tpf, cf), 1, cfg.head_dim, jnp.bfloat16).layers[0]
+            groups = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype),
+                                            groups)
+            end = jnp.int32((c + 1) * cf)
+            jax.block_until_ready(fn(q, groups, end))
+            t = statistics.median(_timed(lambda: jax.block_until_ready(fn(q, groups, end)), max(runs, 3)))
             total += t * count * (steps + 1 if c < gen.prefill_chunks else steps)  # stream: no refresh
     return total
 
@@ -130,9 +129,8 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     import numpy as np
     from flax import nnx
 
-    from dfjax import hma
     from dfjax.cache import init_cache
-    from dfjax.hma import cache_nbytes
+    from dfjax.dummy.hma import cache_nbytes
     from dfjax.model.vae import decode_chunk, init_decoder_cache
     from dfjax.pipeline import Generator
     from dfjax.sharding import MeshConfig
@@ -190,7 +188,7 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     compile_text = time.perf_counter() - t0
     progress(f"text encoder compiled and run: {compile_text:.1f} s")
     diffusion(kv)  # compiles every step (timed by the generator)
-    compile_s = gen.compile_s
+    compile_s = gen.stats.compile_s
     progress(f"first video (compile {compile_s:.1f} s)")
     t0 = time.perf_counter()
     e2e()  # compiles the VAE variants
@@ -217,10 +215,10 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     stats = jax.devices()[0].memory_stats() or {}
     if mp4_dir is not None:
         shutil.rmtree(mp4_dir)
-    cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(gen.first_layout(), 1, dit.cfg.head_dim,
+    cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(gen.first_layout, 1, dit.cfg.head_dim,
                                                                  jnp.bfloat16)))
-    if gen.last_plan is not None:  # after the plan: the per-head-type caches
-        lay = hma.plan_layout(gen.last_plan, gen.first_layout().tokens_per_frame, run.sampling.chunk_frames)
+    if gen.stats.last_plan is not None:  # after the plan: the per-head-type caches
+        lay = gen.dummy.layout(gen.stats.last_plan)
         cache_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(lay, 1, dit.cfg.head_dim, jnp.bfloat16)))
     if run.stream:  # a cache per denoising step
         cache_bytes *= len(run.sampling.denoising_steps)
@@ -238,7 +236,7 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
         "compile_s": compile_s, "compile_text_s": compile_text, "compile_vae_s": compile_vae,
         "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
         "kv_cache_bytes": cache_bytes,
-        "num_dummy": None if gen.last_plan is None else gen.last_plan.num_dummy,
+        "num_dummy": None if gen.stats.last_plan is None else gen.stats.last_plan.num_dummy,
         "attention_s": None,
     }
     if attention_share:

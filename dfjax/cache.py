@@ -1,22 +1,23 @@
-"""KV cache layouts with static shapes: global, local window + sink, and Dummy Forcing's per-head-type groups.
+"""The self-attention KV cache: static-shape ring buffers with fixed slots, one per head group of a layer.
 
-A layer's self-attention heads are split into contiguous groups; each group has its own cache of
-shape [B, capacity_frames * tokens_per_frame, heads, head_dim] for K and V. A group keeps the first
-`sink_frames` latent frames forever and the latest `window_frames` frames in a ring buffer (the
-current chunk's frames included, so the ring slot the chunk writes is one that has fallen out of
-the window). Keys are stored after RoPE at their absolute frame index, so their order inside the
-buffer does not matter to attention; slots fill as a prefix, which lets kernels take a valid length.
+A layer's heads are split into contiguous groups (one group for the baseline; one per cache shape under
+Dummy Forcing, see dfjax.dummy.heads). Each group has its own K and V buffers of shape
+[B, capacity_frames * tokens_per_frame, heads, head_dim]: `sink_frames` fixed slots, then a ring of the latest
+`window_frames` frames, the current chunk included (the ring slot a chunk writes is one that has fallen out of
+the window). Keys are stored after RoPE at their absolute frame index, so their order inside the buffer does not
+matter to attention; slots fill as a prefix, which lets kernels take a valid length instead of a mask.
 
-Every forward writes its chunk's K/V into the chunk's slots before attending (the cache-refresh
-forward at t=0 writes last and leaves the clean K/V). Dummy Forcing's packed dummy heads (the last
-`packed_heads` heads of a group with one sink slot) instead hold the newest clean latent frame in
-that slot, replaced after attention in each refresh forward.
+The fixed slots of most heads hold the video's first frames (attention sinks). The last `newest_heads` heads of a
+group instead hold the newest clean frames there, replaced after attention in every cache-refresh forward
+(Dummy Forcing's packed dummy heads, which thus share one attention call with the sink heads).
 
-The cache pytree is a tuple over layers of a tuple over groups of (k, v).
+The cache is a pytree (KVCache of GroupKV) whose layout is static metadata: a jitted function that takes a cache
+knows its layout, and two caches of different layouts are different programs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -26,17 +27,17 @@ import jax.numpy as jnp
 @dataclass(frozen=True)
 class GroupLayout:
     num_heads: int
-    sink_frames: int
-    window_frames: int
-    packed_heads: int = 0
+    sink_frames: int  # fixed slots
+    window_frames: int  # the ring, current chunk included
+    newest_heads: int = 0  # the last heads of the group: their fixed slots hold the newest clean frames
 
     def __post_init__(self):
         if self.num_heads < 0 or self.sink_frames < 0 or self.window_frames < 1:
             raise ValueError(f"invalid group layout {self}: need num_heads >= 0, sink >= 0, window >= 1.")
-        if self.packed_heads and self.sink_frames != 1:
-            raise ValueError("packed heads need exactly one sink slot (the newest clean frame).")
-        if not 0 <= self.packed_heads <= self.num_heads:
-            raise ValueError(f"packed_heads {self.packed_heads} out of [0, {self.num_heads}].")
+        if not 0 <= self.newest_heads <= self.num_heads:
+            raise ValueError(f"newest_heads {self.newest_heads} out of [0, {self.num_heads}].")
+        if self.newest_heads and not self.sink_frames:
+            raise ValueError("heads that keep the newest frames need fixed slots (sink_frames >= 1).")
 
     @property
     def capacity_frames(self) -> int:
@@ -49,6 +50,10 @@ class GroupLayout:
     def static_slot(self, f: int) -> int:
         """slot_of_frame for a Python int (host-side index building)."""
         return f if f < self.sink_frames else self.sink_frames + (f - self.sink_frames) % self.window_frames
+
+    def holds(self, f: int, end: int) -> bool:
+        """Whether frame f is still in the cache once frames [0, end) were written in order."""
+        return f < self.sink_frames or end - self.window_frames <= f < end
 
     def valid_frames(self, end):
         """Filled slots once frames [0, end) have been written (a prefix of the buffer)."""
@@ -74,6 +79,8 @@ class AttentionLayout:
                         f"a window of {g.window_frames} frames cannot hold a chunk of {self.chunk_frames}; "
                         "make the window at least one chunk."
                     )
+                if g.newest_heads and g.sink_frames > self.chunk_frames:
+                    raise ValueError(f"{g.sink_frames} newest frames are more than a chunk ({self.chunk_frames}).")
 
     @classmethod
     def uniform(cls, num_layers, num_heads, sink_frames, window_frames, tokens_per_frame, chunk_frames):
@@ -85,32 +92,75 @@ class AttentionLayout:
         return 2 * batch * tokens * head_dim * itemsize
 
 
-def init_cache(layout: AttentionLayout, batch: int, head_dim: int, dtype) -> tuple:
+def _static(**kw):
+    return dataclasses.field(metadata=dict(static=True), **kw)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class GroupKV:
+    """One head group's K and V buffers [B, capacity_frames * tokens_per_frame, heads, head_dim] and their layout."""
+
+    k: jax.Array
+    v: jax.Array
+    layout: GroupLayout = _static()
+    tokens_per_frame: int = _static()
+
+    @property
+    def num_heads(self) -> int:
+        return self.layout.num_heads
+
+    def write(self, k, v, frame_start) -> "GroupKV":
+        """The chunk's K and V [B, F*T, heads, D] in their slots (frame by frame: a ring may wrap)."""
+        tpf = self.tokens_per_frame
+
+        def put(buf, new):
+            for j in range(new.shape[1] // tpf):
+                slot = self.layout.slot_of_frame(frame_start + j)
+                frame = new[:, j * tpf:(j + 1) * tpf].astype(buf.dtype)
+                buf = jax.lax.dynamic_update_slice_in_dim(buf, frame, slot * tpf, axis=1)
+            return buf
+
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
+
+    def valid_tokens(self, frame_end):
+        """Filled key slots once frames [0, frame_end) were written (int32, may be traced)."""
+        return (self.layout.valid_frames(frame_end) * self.tokens_per_frame).astype(jnp.int32)
+
+    def keep_newest(self, k, v, is_refresh) -> "GroupKV":
+        """After a refresh forward's attention: the newest heads' fixed slots <- the chunk's last (newest clean)
+        frames. A where() over a head mask plus a slice update on the token axis: a scatter on the head axis would
+        make a head-sharded cache be gathered."""
+        g = self.layout
+        if not g.newest_heads:
+            return self
+        n = g.sink_frames * self.tokens_per_frame
+        newest = (jnp.arange(g.num_heads) >= g.num_heads - g.newest_heads)[None, None, :, None]
+
+        def put(buf, new):
+            slots = jnp.where(newest & is_refresh, new[:, -n:].astype(buf.dtype), buf[:, :n])
+            return jax.lax.dynamic_update_slice_in_dim(buf, slots, 0, axis=1)
+
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    """Every layer's head groups; the layout is static metadata of the pytree."""
+
+    layers: tuple[tuple[GroupKV, ...], ...]
+    chunk_frames: int = _static()
+
+    @property
+    def layout(self) -> AttentionLayout:
+        tpf = {g.tokens_per_frame for layer in self.layers for g in layer}.pop()
+        return AttentionLayout(tuple(tuple(g.layout for g in layer) for layer in self.layers), tpf, self.chunk_frames)
+
+
+def init_cache(layout: AttentionLayout, batch: int, head_dim: int, dtype) -> KVCache:
     def group(g):
         shape = (batch, g.capacity_frames * layout.tokens_per_frame, g.num_heads, head_dim)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        return GroupKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), g, layout.tokens_per_frame)
 
-    return tuple(tuple(group(g) for g in layer) for layer in layout.layers)
-
-
-def write_chunk(buf, new, frame_start, g: GroupLayout, tokens_per_frame: int):
-    """Writes a chunk's K or V [B, F*T, H, D] into its slots of `buf` (frame by frame: a ring may wrap)."""
-    num_frames = new.shape[1] // tokens_per_frame
-    for j in range(num_frames):
-        slot = g.slot_of_frame(frame_start + j)
-        frame = new[:, j * tokens_per_frame:(j + 1) * tokens_per_frame]
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, frame.astype(buf.dtype), slot * tokens_per_frame, axis=1)
-    return buf
-
-
-def refresh_packed(buf, new, is_refresh, g: GroupLayout, tokens_per_frame: int):
-    """After a refresh forward's attention: packed heads' sink slot <- the chunk's last (newest clean) frame.
-
-    A where() over a head mask plus a slice update on the token axis: a scatter on the head axis
-    would make a head-sharded cache be gathered.
-    """
-    if not g.packed_heads:
-        return buf
-    packed = (jnp.arange(g.num_heads) >= g.num_heads - g.packed_heads)[None, None, :, None]
-    slot = jnp.where(packed & is_refresh, new[:, -tokens_per_frame:].astype(buf.dtype), buf[:, :tokens_per_frame])
-    return jax.lax.dynamic_update_slice_in_dim(buf, slot, 0, axis=1)
+    return KVCache(tuple(tuple(group(g) for g in layer) for layer in layout.layers), layout.chunk_frames)

@@ -156,8 +156,8 @@ def cmd_generate(a) -> None:
     t = pipeline.make_video(job.prompt, job.seed, job.out, fps, progress=not a.quiet)
     if not a.quiet:
         print_timing(job.out, t)
-    if a.save_profile and pipeline.generator.last_plan is not None:
-        pipeline.generator.last_plan.save(a.save_profile)
+    if a.save_profile and pipeline.generator.stats.last_plan is not None:
+        pipeline.generator.stats.last_plan.save(a.save_profile)
     if a.timing_json:
         record = {"prompt": job.prompt, "seed": job.seed, "file": str(job.out), **t.as_dict()}
         Path(a.timing_json).write_text(json.dumps([record], indent=2))
@@ -186,7 +186,7 @@ def generate_many(a, info, folder, run, fps, plan) -> None:
         on_skip=lambda job: a.quiet or dist.log(f"skip {job.out} (exists; --overwrite to redo)", info=info,
                                                 all_processes=True))
     if a.save_profile:
-        saved = [p.generator.last_plan for p in pipes.values() if p.generator.last_plan is not None]
+        saved = [p.generator.stats.last_plan for p in pipes.values() if p.generator.stats.last_plan is not None]
         if saved and info.is_main:
             saved[0].save(a.save_profile)
     if a.timing_json:
@@ -205,7 +205,7 @@ def print_timing(out, t) -> None:
 def cmd_calibrate(a) -> None:
     import numpy as np
 
-    from dfjax.dummy import HeadPlan, aggregate_profiles
+    from dfjax.dummy import aggregate_profiles
     from dfjax.t2v import VideoModel, check_model_folder
     from dfjax.pipeline import Generator
 
@@ -221,9 +221,7 @@ def cmd_calibrate(a) -> None:
         scores.append(gen.calibration_scores(gen.text_kv(model.text([prompt])), seed))
     cfg = model.dit.cfg
     mean = aggregate_profiles(scores)
-    plan = HeadPlan.from_scores(mean, run.dummy.dummy_count(cfg.num_layers, cfg.num_heads),
-                                normalize=run.dummy.normalize, local_context_length=run.dummy.local_context_length,
-                                packed_dummy=run.dummy.packed_dummy)
+    plan = gen.dummy.plan_from_scores(mean)
     plan.save(a.out)
     print(f"wrote {a.out}: {plan.num_dummy} dummy heads of {cfg.num_layers * cfg.num_heads}, from "
           f"{len(items)} prompt(s); mean current-chunk mass {float(np.mean(mean[..., 2])):.3f}")
@@ -232,6 +230,8 @@ def cmd_calibrate(a) -> None:
 # ---------------------------------------------------------------- parser
 
 def add_video_options(p) -> None:
+    from dfjax.kernels import attention as kernels
+
     p.add_argument("--model", help="a converted model folder (default: the built-in demo model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", choices=sorted(RESOLUTIONS))
@@ -241,7 +241,8 @@ def add_video_options(p) -> None:
     p.add_argument("--seconds", type=float, help="video length instead of --frames")
     p.add_argument("--fps", type=float)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the model's)")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
+    p.add_argument("--attn-impl", default="auto", choices=kernels.IMPLS,
+                   help="attention kernel (default: the fastest for the device, dtype and mesh)")
     p.add_argument("--cache", default="global", choices=["global", "local"])
     p.add_argument("--sink-frames", type=int, default=0)
     p.add_argument("--window-frames", type=int, default=0)

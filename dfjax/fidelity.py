@@ -68,34 +68,35 @@ def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def kept_mass(scores: np.ndarray, head_types: np.ndarray) -> dict:
-    """Attention mass each head keeps under its type (sink F0+F2, neighbour F1+F2, dummy F2), per type and in total."""
-    from dfjax.dummy import DUMMY, NEIGHBOUR, SINK
-
+def kept_mass(scores: np.ndarray, plan) -> dict:
+    """Attention mass each head keeps under its type (a history type its score column + the current chunk's, a dummy
+    head the current chunk's), per type and in total."""
     s = np.asarray(scores, np.float64)
-    kept = np.where(head_types == SINK, s[..., 0] + s[..., 2],
-                    np.where(head_types == NEIGHBOUR, s[..., 1] + s[..., 2], s[..., 2]))
+    types = plan.head_type_array()
+    kept = s[..., 2].copy()
+    for t in plan.table.history:
+        kept = np.where(types == t.code, kept + s[..., t.score], kept)
     out = {"total": float(kept.mean())}
-    for name, code in (("sink", SINK), ("neighbour", NEIGHBOUR), ("dummy", DUMMY)):
-        sel = head_types == code
-        out[name] = float(kept[sel].mean()) if sel.any() else None
-        out[f"{name}_heads"] = int(sel.sum())
+    for t in plan.table.types:
+        sel = types == t.code
+        out[t.name] = float(kept[sel].mean()) if sel.any() else None
+        out[f"{t.name}_heads"] = int(sel.sum())
     return out
 
 
 def random_plan(scores: np.ndarray, num_dummy: int, rng: np.random.Generator, normalize: str = "release",
-                local_context_length: int = 1, packed_dummy: bool = True):
-    """A HeadPlan with `num_dummy` dummy heads drawn at random over all layers; every other head is sink or
-    neighbour exactly as DHP would type it from `scores` (so only the dummy choice differs from DHP's plan)."""
-    from dfjax.dummy import DUMMY, NEIGHBOUR, SINK, HeadPlan
+                table=None):
+    """A HeadPlan with `num_dummy` dummy heads drawn at random over all layers; every other head takes the history
+    type DHP would give it from `scores` (so only the dummy choice differs from DHP's plan)."""
+    from dfjax.dummy import HeadPlan, standard_table
+    from dfjax.dummy.dhp import history_masses
 
+    table = table or standard_table()
     s = np.asarray(scores, np.float64)
-    f0, f1 = s[..., 0], s[..., 1]
-    if normalize == "release":
-        f0, f1 = f0 / (f0.sum() or 1.0), f1 / (f1.sum() or 1.0)
-    types = np.where(f0 >= f1, SINK, NEIGHBOUR).astype(np.int8).reshape(-1)
-    types[rng.choice(types.size, size=num_dummy, replace=False)] = DUMMY
-    return HeadPlan(types.reshape(s.shape[:2]), local_context_length, packed_dummy, scores=s, normalize=normalize)
+    codes = np.array([t.code for t in table.history], np.int8)
+    types = codes[np.argmax(history_masses(s, normalize, table), axis=-1)].reshape(-1)
+    types[rng.choice(types.size, size=num_dummy, replace=False)] = table.dummy.code
+    return HeadPlan(types.reshape(s.shape[:2]), table, scores=s, normalize=normalize)
 
 
 def default_prompts(num: int, seed: int = 0) -> list[str]:
@@ -116,7 +117,7 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
     from dfjax.bench import environment
     from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape, config_from_dict
     from dfjax.demo import demo_model_folder
-    from dfjax.dummy import HeadPlan, dummy_overlap
+    from dfjax.dummy import HeadPlan, dummy_overlap, standard_table
     from dfjax.model.vae import decode
     from dfjax.model_io import read_config
     from dfjax.pipeline import Generator, RunConfig
@@ -163,7 +164,7 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
                                                                    stream=True))}
         streams.update({("dhp-stream", s): Generator(model.dit, online_run(n, True)) for s, n in counts.items()})
     fixed = {s: Generator(model.dit, RunConfig(video=video, sampling=sampling, attn_impl="xla", dummy=dummy_cfg(n)),
-                          plan=HeadPlan.uniform(cfg.num_layers, cfg.num_heads, local_context_length=local_context_length))
+                          plan=HeadPlan.uniform(cfg.num_layers, cfg.num_heads, table=standard_table(local_context_length)))
              for s, n in counts.items() if n > 0}
     rows, plans, score_sets = [], {s: [] for s in shares}, []
     t0 = time.perf_counter()
@@ -186,7 +187,7 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
                                                     np.asarray(lat_b)[:, first_planned:]),
                        colour_hits=float(np.mean([fr[c] >= 0.003 for c in colours])) if colours else None)
             if plan is not None and scores is not None:
-                row["kept"] = kept_mass(scores, plan.head_type_array())
+                row["kept"] = kept_mass(scores, plan)
             rows.append(row)
             return row
 
@@ -196,23 +197,23 @@ def run_fidelity(model_folder=None, prompts=None, seeds=(0, 1), shares=DEFAULT_S
         scores = None
         for (method, share), gen in streams.items():
             lat = gen.generate(ctx, seed)
-            scores = gen.scores if method == "dhp-stream" else scores
-            r = record(method, share, gen.last_plan, lat, scores if method == "dhp-stream" else None)
+            scores = gen.stats.scores if method == "dhp-stream" else scores
+            r = record(method, share, gen.stats.last_plan, lat, scores if method == "dhp-stream" else None)
             log(f"[{time.perf_counter() - t0:6.0f} s] prompt {pi} seed {seed} {method} share {share:.2f}: psnr "
                 f"{r['psnr_planned']:.2f} ssim {r['ssim_planned']:.3f}")
         for share in shares if online else ():
             gen = online[share]
             lat = gen.generate(ctx, seed)
-            scores = gen.scores
-            plans[share].append(gen.last_plan)
-            r = record("dhp", share, gen.last_plan, lat, scores)
+            scores = gen.stats.scores
+            plans[share].append(gen.stats.last_plan)
+            r = record("dhp", share, gen.stats.last_plan, lat, scores)
             line = f"[{time.perf_counter() - t0:6.0f} s] prompt {pi} seed {seed} share {share:.2f}: DHP psnr " \
                    f"{r['psnr_planned']:.2f} ssim {r['ssim_planned']:.3f}"
             if counts[share] > 0:
                 for d in range(random_draws):
                     rng = np.random.default_rng([seed, pi, int(share * 1000), d])
-                    plan = random_plan(scores, counts[share], rng, local_context_length=local_context_length)
-                    fixed[share].plan = plan
+                    plan = random_plan(scores, counts[share], rng, table=standard_table(local_context_length))
+                    fixed[share].use_plan(plan)
                     r2 = record("random", share, plan, fixed[share].generate(ctx, seed), scores)
                 line += f" | random psnr {r2['psnr_planned']:.2f} ssim {r2['ssim_planned']:.3f}"
             log(line)

@@ -16,8 +16,8 @@ and activation dimension has a logical name (PARAM_AXES, CACHE_AXES, ...) and a 
 logical names to mesh axes. A rules table that sends two dimensions of one array to the same
 mesh axis, or names an axis the mesh lacks, is refused.
 
-Dummy Forcing: a plan whose per-layer head groups are not multiples of the tensor size cannot be
-split evenly; `shardable_plan` rounds it (see there), and a Generator on a mesh does so itself.
+Dummy Forcing: a plan whose per-layer cache groups are not multiples of the tensor size cannot be
+split evenly; dfjax.dummy.mesh rounds it, and a Generator on a mesh does so itself.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dfjax.cache import AttentionLayout, init_cache
-from dfjax.dummy.dhp import DUMMY, NEIGHBOUR, SINK
-from dfjax.dummy.plan import HeadPlan
+from dfjax.kernels import attention as kernels
 
 AXES = ("data", "tensor")
 DATA_MODES = ("replicas", "batch")
@@ -210,15 +209,11 @@ def param_shardings(params, mesh: Mesh, rules: Rules = Rules()):
 
 
 def cache_shardings(layout: AttentionLayout, batch: int, head_dim: int, mesh: Mesh, rules: Rules = Rules()):
-    """Per layer, per head group, (k, v) NamedShardings of the cache layout (dfjax.cache.init_cache's tree)."""
-    tpf = layout.tokens_per_frame
-
-    def group(li, gi, g):
-        shape = (batch, g.capacity_frames * tpf, g.num_heads, head_dim)
-        s = named_sharding(mesh, rules, CACHE_AXES, shape, f"KV cache of layer {li} group {gi} ({g.num_heads} heads)")
-        return s, s
-
-    return tuple(tuple(group(li, gi, g) for gi, g in enumerate(layer)) for li, layer in enumerate(layout.layers))
+    """A KVCache of NamedShardings for the cache layout (dfjax.cache.init_cache's tree): every buffer split along
+    its heads."""
+    abstract = jax.eval_shape(lambda: init_cache(layout, batch, head_dim, jnp.float32))
+    return jax.tree.map(lambda a: named_sharding(mesh, rules, CACHE_AXES, a.shape,
+                                                 f"a KV cache group of {a.shape[2]} heads"), abstract)
 
 
 def text_kv_shardings(cfg, batch: int, mesh: Mesh, rules: Rules = Rules()):
@@ -228,14 +223,6 @@ def text_kv_shardings(cfg, batch: int, mesh: Mesh, rules: Rules = Rules()):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def is_split_over(sharding, axis: str) -> bool:
-    """Whether a NamedSharding splits some dimension over mesh axis `axis`."""
-    for part in sharding.spec:
-        if part == axis or (isinstance(part, tuple) and axis in part):
-            return True
-    return False
 
 
 # ------------------------------------------------------------------------------------------------ mesh config
@@ -349,106 +336,6 @@ def make_mesh(grid: np.ndarray) -> Mesh:
     return Mesh(np.asarray(grid), AXES, axis_types=(auto, auto))
 
 
-# ------------------------------------------------------------------------------------------------ head plans
-
-def group_sizes_of(plan: HeadPlan) -> tuple[tuple[int, ...], ...]:
-    """Per layer, the head counts of the cache groups the plan makes (dfjax.hma.plan_layout's order)."""
-    if plan.packed_dummy:
-        return tuple((s + d, n) for s, d, n in plan.group_sizes)
-    return tuple(plan.group_sizes)
-
-
-def plan_is_shardable(plan: HeadPlan, tensor: int) -> bool:
-    return all(n % tensor == 0 for layer in group_sizes_of(plan) for n in layer)
-
-
-def _head_masses(plan: HeadPlan) -> tuple[np.ndarray, np.ndarray] | None:
-    """Sink and neighbour masses [layers, heads] as DHP compared them (None without scores)."""
-    if plan.scores is None:
-        return None
-    s = np.asarray(plan.scores, dtype=np.float64)
-    sink, nbr = s[..., 0], s[..., 1]
-    if plan.normalize in (None, "release"):
-        sink = sink / (sink.sum() or 1.0)
-        nbr = nbr / (nbr.sum() or 1.0)
-    return sink, nbr
-
-
-def _top(values: np.ndarray, candidates: list[int], k: int) -> list[int]:
-    """The k candidates with the largest values; ties to the lower head index (deterministic)."""
-    return sorted(candidates, key=lambda h: (-values[h], h))[:k]
-
-
-def _split_sink_neighbour(types: np.ndarray, gain: np.ndarray, tensor: int) -> None:
-    """In place, for one layer: choose the sink heads among the non-dummy heads so that sink + dummy is a
-    multiple of `tensor`, taking the top heads by `gain` (sink mass - neighbour mass) and, of the two
-    nearest admissible counts, the one that keeps more mass (the nearer on a tie, then the smaller)."""
-    free = [h for h in range(len(types)) if types[h] != DUMMY]
-    n_dummy = len(types) - len(free)
-    k0 = int(np.sum(types == SINK))
-    r = (-n_dummy) % tensor
-    down = k0 - ((k0 - r) % tensor)
-    options = [k for k in (down, down + tensor) if 0 <= k <= len(free)]
-    ranked = _top(gain, free, len(free))
-    best = max(options, key=lambda k: (sum(gain[h] for h in ranked[:k]), -abs(k - k0), -k))
-    sinks = set(ranked[:best])
-    for h in free:
-        types[h] = SINK if h in sinks else NEIGHBOUR
-
-
-def shardable_plan(plan: HeadPlan, tensor: int) -> HeadPlan:
-    """The plan rounded so that every cache group of every layer splits evenly over `tensor` devices.
-
-    Release (packed) plans: the dummy heads stay exactly as they are (same heads, same count); per
-    layer only heads move between sink and neighbour, so that sink + dummy (one cache group) and
-    neighbour (the other) are multiples of `tensor`. Paper plans (three groups): the dummy count of
-    every layer is rounded to a multiple of `tensor` too, the total to the nearest multiple of
-    `tensor`, the extra or missing dummies taken where DHP's cost (the larger of sink and neighbour
-    mass) is lowest; then sink and neighbour as above.
-    With the plan's scores the choices keep the most attention mass (normalised as DHP did);
-    without scores they change as few heads as possible (ties to the lower head index). A plan that
-    is already shardable comes back unchanged.
-    """
-    if tensor < 1:
-        raise ValueError(f"tensor must be >= 1, got {tensor}.")
-    if plan.num_heads % tensor:
-        raise ValueError(f"{plan.num_heads} heads per layer do not split over tensor={tensor}; choose a tensor size "
-                         f"that divides {plan.num_heads}.")
-    if plan_is_shardable(plan, tensor):
-        return plan
-    types = np.array(plan.head_types, dtype=np.int64)
-    L, H = types.shape
-    masses = _head_masses(plan)
-    if masses is None:  # no scores: values that make the current assignment the best one
-        sink_m = (types == SINK).astype(np.float64)
-        nbr_m = (types == NEIGHBOUR).astype(np.float64)
-    else:
-        sink_m, nbr_m = masses
-    if not plan.packed_dummy:
-        # what a head loses by becoming dummy: DHP's cost, or (no scores) 1 for every head not dummy now
-        keep = (types != DUMMY).astype(np.float64) if masses is None else np.maximum(sink_m, nbr_m)
-        target = int(round(plan.num_dummy / tensor)) * tensor
-        order = [sorted(range(H), key=lambda h: (keep[l, h], h)) for l in range(L)]  # cheapest first
-        count = [0] * L
-        for _ in range(target // tensor):  # convex per-layer costs: greedy by the next block of heads is optimal
-            cost = [sum(keep[l, h] for h in order[l][count[l]:count[l] + tensor]) if count[l] + tensor <= H
-                    else np.inf for l in range(L)]
-            l = int(np.argmin(cost))
-            count[l] += tensor
-        for l in range(L):
-            dummies = set(order[l][:count[l]])
-            for h in range(H):
-                if h in dummies:
-                    types[l, h] = DUMMY
-                elif types[l, h] == DUMMY:
-                    types[l, h] = SINK if sink_m[l, h] >= nbr_m[l, h] else NEIGHBOUR
-    for l in range(L):
-        _split_sink_neighbour(types[l], sink_m[l] - nbr_m[l], tensor)
-    out = HeadPlan(types, plan.local_context_length, plan.packed_dummy, scores=plan.scores, normalize=plan.normalize)
-    assert plan_is_shardable(out, tensor), (out.group_sizes, tensor)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ placement
 
 class Placement:
@@ -528,46 +415,25 @@ class Placement:
         return jax.jit(fn, **kw)
 
     def step_shardings(self, params, layout: AttentionLayout, latent_shape):
-        """(in, out) shardings of a chunk step (params, text_kv, cache, key, chunk, score_rows) ->
-        (x0, cache, scores); score rows and scores (or None) are replicated."""
+        """(in, out) shardings of a chunk step (params, text_kv, cache, key, chunk, schedule, probe input) ->
+        (x0, cache, probe output); key, chunk, schedule and the probe's input and output are replicated."""
         rep = replicated(self.mesh)
         cache = self.cache_shardings(layout)
-        ins = (self.param_shardings(params), self.text_kv_shardings(), cache, rep, rep, rep)
+        ins = (self.param_shardings(params), self.text_kv_shardings(), cache, rep, rep, rep, rep)
         return ins, (self.latent_sharding(latent_shape), cache, rep)
 
     # -- choices the mesh constrains ---------------------------------------------------------------
-    def adjust_plan(self, plan: HeadPlan | None) -> HeadPlan | None:
-        if plan is None or self.tensor == 1:
-            return plan
-        return shardable_plan(plan, self.tensor)
+    @property
+    def platform(self) -> str | None:
+        return None if self.mesh is None else self.mesh.devices.flat[0].platform
 
     def attn_impl(self, impl: str, dtype) -> str:
-        """The attention implementation to use on this mesh.
-
-        GSPMD cannot split a Pallas kernel (a custom call): on a mesh of several devices it would
-        gather every input, KV caches included, onto each device. So "auto" takes cuDNN (which has
-        partitioning rules for batch and heads) on GPUs in bf16/f16 and XLA elsewhere, and an
-        explicit "pallas" is refused until the kernels are wrapped in shard_map (docs/scaling.md).
-        """
-        if self.mesh is None or self.mesh.size == 1:
-            return impl
-        platform = self.mesh.devices.flat[0].platform
-        if impl == "pallas":
-            raise ValueError("attn_impl 'pallas' is not partitioned across a mesh of several devices (its inputs "
-                             "would be gathered onto every device); use 'auto', 'cudnn' or 'xla', or data-parallel "
-                             "replicas with tensor=1.")
-        if impl == "auto":
-            half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            return "cudnn" if platform == "gpu" and half else "xla"
-        return impl
+        """The attention kernel for programs on this placement: GSPMD partitions them over a mesh of several
+        devices, which a Pallas kernel does not survive (dfjax.kernels.attention.resolve_impl)."""
+        partitioned = self.mesh is not None and self.mesh.size > 1
+        return kernels.resolve_impl(impl, dtype, platform=self.platform, partitioned=partitioned)
 
 
 def put_replicated(tree, mesh: Mesh):
     """Every leaf of `tree` replicated over `mesh` (text encoder and VAE states of a data group)."""
     return jax.device_put(tree, replicated(mesh))
-
-
-def describe(mesh: Mesh) -> str:
-    kinds = sorted({d.device_kind for d in mesh.devices.flat})
-    return (f"mesh data={mesh.shape['data']} x tensor={mesh.shape['tensor']} over {mesh.size} device(s) "
-            f"({', '.join(kinds)})")

@@ -32,31 +32,30 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dfjax.cache import AttentionLayout
-from dfjax.sampling import chunk_noise
+from dfjax.kernels import attention as kernels
+from dfjax.model.transformer import ChunkCall, ChunkStep
+from dfjax.sampling import chunk_noise, renoise, x0_from_flow
 
 
-def slot_forward(model, x, s, chunk, text_kv, cache, noise, *, layout, schedule, rope, impl):
+def slot_forward(model, x, s, chunk, text_kv, cache, noise, *, schedule, rope, call):
     """Denoising step s of one chunk on slot s's cache: (the next step's input, the cache with the chunk's
     K/V written). noise(chunk, step) gives the draws. After the last step the next sigma is 0, so the
     output is x0 itself."""
     timesteps, sigmas, next_sigmas = schedule
     t = jnp.full(x.shape[:2], timesteps[s], jnp.float32)
-    # is_refresh: packed dummy heads keep this slot's newest frame, as the slot's context is its own forwards'
-    flow, cache, _ = model(x, t, text_kv, cache, layout, rope, chunk * x.shape[1], is_refresh=True, impl=impl)
-    x0 = x - sigmas[s] * flow
-    return (1 - next_sigmas[s]) * x0 + next_sigmas[s] * noise(chunk, s + 1), cache
+    # is_refresh: newest-frame heads keep this slot's newest frame, as the slot's context is its own forwards'
+    flow, cache, _ = model(x, t, text_kv, cache, rope, ChunkStep(chunk * x.shape[1], jnp.bool_(True)), call)
+    return renoise(x0_from_flow(x, flow, sigmas[s]), noise(chunk, s + 1), next_sigmas[s]), cache
 
 
-def slot_step(graphdef, params, text_kv, cache, x, noise, tick, s, *, first, num_chunks, layout, schedule, rope,
-              impl):
+def slot_step(graphdef, params, text_kv, cache, x, noise, tick, s, *, first, num_chunks, schedule, rope, call):
     """Slot s's part of a tick: denoising step s of chunk `first + tick - s` if that chunk exists (the pipeline
     fills and drains: no forward otherwise). x: the slot's input (slot 0 draws its chunk's initial noise
     instead). Returns (the slot's output, its cache)."""
     model = nnx.merge(graphdef, params)
     chunk = first + tick - s
     x = jnp.where(s == 0, noise(chunk, 0), x)
-    fwd = functools.partial(slot_forward, model, layout=layout, schedule=schedule, rope=rope, impl=impl)
+    fwd = functools.partial(slot_forward, model, schedule=schedule, rope=rope, call=call)
     return jax.lax.cond((chunk >= first) & (chunk < num_chunks),
                         lambda x, c: fwd(x, s, chunk, text_kv, c, noise), lambda x, c: (x, c), x, cache)
 
@@ -73,7 +72,7 @@ class StreamRunner:
     from noise, so after a tick stage 0's first input is the chunk that finished).
     """
 
-    def __init__(self, graphdef, mesh, num_steps: int, shape, schedule, rope, impl, num_chunks: int):
+    def __init__(self, graphdef, mesh, num_steps: int, shape, schedule, rope, impl: str, dtype, num_chunks: int):
         self.graphdef, self.mesh, self.n = graphdef, mesh, num_steps
         self.stages = 1 if mesh is None else mesh.shape["tensor"]
         if num_steps % self.stages:
@@ -83,8 +82,11 @@ class StreamRunner:
         if mesh is not None and shape[0] % mesh.shape["data"]:
             raise ValueError(f"batch {shape[0]} does not split over data={mesh.shape['data']}.")
         self.slots = num_steps // self.stages
-        self.shape, self.schedule, self.rope, self.impl, self.num_chunks = shape, schedule, rope, impl, num_chunks
-        self._steps = {}  # (layout, first chunk) -> compiled slot step
+        self.shape, self.schedule, self.rope, self.num_chunks = shape, schedule, rope, num_chunks
+        # shard_map bodies see local shapes: any kernel runs there, so it is resolved as for one device
+        platform = None if mesh is None else mesh.devices.flat[0].platform
+        self.call = ChunkCall(kernels.resolve_impl(impl, dtype, platform=platform))
+        self._steps = {}  # (cache tree structure, first chunk) -> compiled slot step
         self._shift = None
         self._stacks = {}  # tree structure -> jitted stacking onto every stage
         self._params_in = self._params = None  # the last parameters given, and their copy on every stage
@@ -116,9 +118,9 @@ class StreamRunner:
         return self._params
 
     # -- programs ---------------------------------------------------------------------------------
-    def _step_fn(self, layout: AttentionLayout, first: int, cache):
-        body = functools.partial(slot_step, self.graphdef, first=first, num_chunks=self.num_chunks, layout=layout,
-                                 schedule=self.schedule, rope=self.rope, impl=self.impl)
+    def _step_fn(self, first: int, cache):
+        body = functools.partial(slot_step, self.graphdef, first=first, num_chunks=self.num_chunks,
+                                 schedule=self.schedule, rope=self.rope, call=self.call)
         draw = lambda key: lambda chunk, step: chunk_noise(key, chunk, step, self.shape)
         unstage = lambda tree: jax.tree.map(lambda a: a[0], tree)  # local [1, ...] -> [...]
         stage = lambda tree: jax.tree.map(lambda a: a[None], tree)
@@ -150,12 +152,13 @@ class StreamRunner:
         return jax.jit(step, donate_argnums=(2, 3), out_shardings=(
             NamedSharding(self.mesh, x_spec), self._shardings(cache, True)))
 
-    def _compiled_step(self, layout, first, args, on_compile):
-        if (layout, first) not in self._steps:
+    def _compiled_step(self, first, args, on_compile):
+        key = (jax.tree.structure(args[2]), first)  # the cache's structure holds its layout
+        if key not in self._steps:
             t0 = time.perf_counter()
-            self._steps[layout, first] = self._step_fn(layout, first, args[2]).lower(*args).compile()
+            self._steps[key] = self._step_fn(first, args[2]).lower(*args).compile()
             on_compile(time.perf_counter() - t0)
-        return self._steps[layout, first]
+        return self._steps[key]
 
     def _pass_on(self, last):
         """The last local slot's output to the next stage's first slot (stage S-1's to stage 0's)."""
@@ -169,7 +172,7 @@ class StreamRunner:
         return self._shift(last)
 
     # -- the stream -------------------------------------------------------------------------------
-    def chunks(self, params, text_kv, cache, key, layout: AttentionLayout, first: int, on_compile):
+    def chunks(self, params, text_kv, cache, key, first: int, on_compile):
         """Yields (chunk index, latents) for chunks first..num_chunks-1 in order. `cache`: the prefill's cache
         after chunk first-1; on_compile(seconds) is told of compile time."""
         params = self._replicated_params(params)
@@ -181,7 +184,7 @@ class StreamRunner:
             outs = []
             for j in range(self.slots):
                 args = (params, text_kv, caches[j], xs[j], key, jnp.int32(k), jnp.int32(j))
-                out, caches[j] = self._compiled_step(layout, first, args, on_compile)(*args)
+                out, caches[j] = self._compiled_step(first, args, on_compile)(*args)
                 outs.append(out)
             xs = [self._pass_on(outs[-1])] + outs[:-1]
             done = first + k - (self.n - 1)

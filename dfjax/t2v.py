@@ -130,16 +130,16 @@ class VideoPipeline:
             timing.text_s = time.perf_counter() - t_start
             h, w = run.video.latent_hw
             cache = init_decoder_cache(self.model.vae.cfg, 1, h, w)
-            compile_before = self.generator.compile_s + self.compile_s
+            compile_before = self.generator.stats.compile_s + self.compile_s
             chunks = self.generator.chunks(text_kv, seed)
             bar = _progress(run.num_chunks, progress)
             for _ in range(run.num_chunks):
                 t0 = time.perf_counter()
-                c0 = self.generator.compile_s
+                c0 = self.generator.stats.compile_s
                 result = next(chunks)
                 x0 = result.latents.block_until_ready()
                 t1 = time.perf_counter()
-                timing.diffusion_s += t1 - t0 - (self.generator.compile_s - c0)
+                timing.diffusion_s += t1 - t0 - (self.generator.stats.compile_s - c0)
                 c1 = self.compile_s
                 decode = self._decoder(x0, cache)
                 t2 = time.perf_counter()
@@ -147,15 +147,15 @@ class VideoPipeline:
                 frames = to_uint8(pixels[0])
                 t3 = time.perf_counter()
                 timing.vae_s += t3 - t2
-                timing.chunk_s.append(t3 - t0 - (self.compile_s - c1) - (self.generator.compile_s - c0))
+                timing.chunk_s.append(t3 - t0 - (self.compile_s - c1) - (self.generator.stats.compile_s - c0))
                 writer.write(frames)
                 if result.index == 0:
-                    timing.first_chunk_s = time.perf_counter() - t_start - (self.generator.compile_s + self.compile_s
+                    timing.first_chunk_s = time.perf_counter() - t_start - (self.generator.stats.compile_s + self.compile_s
                                                                             - compile_before)
                 bar.update(1)
             bar.close()
             writer.close()
-            timing.compile_s = self.generator.compile_s + self.compile_s - compile_before
+            timing.compile_s = self.generator.stats.compile_s + self.compile_s - compile_before
             timing.e2e_s = time.perf_counter() - t_start - timing.compile_s
             timing.write_s = writer.write_s
         except BaseException:

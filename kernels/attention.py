@@ -8,14 +8,16 @@ cache may hold more slots than are filled yet). Every query sees every valid key
     grouped_attention(q, ((k_sink, v_sink, None), (k_nbr, v_nbr, None)))   # PAF, two groups
     attention(q, k_cache, v_cache, kv_len)                                  # dense baseline
 
-Implementations: "xla" (the plain-jnp reference below), "cudnn" (one cuDNN call per group),
-"pallas" (one kernel launch for all groups: paf_gpu on GPU, paf_tpu on TPU) and "auto".
+Implementations (KERNELS, the one registry: every caller resolves a name through resolve_impl): "xla" (the
+plain-jnp reference below), "cudnn" (one cuDNN call per group), "pallas" (one kernel launch for all groups: paf_gpu
+on GPU, paf_tpu on TPU) and "auto".
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -36,20 +38,10 @@ def grouped_attention(q: jax.Array, groups: tuple[Group, ...], *, impl: Impl = "
     [kv_len, Lk_g) are ignored; the pallas kernels also skip their blocks. Larger values are
     clamped to Lk_g. Groups with H_g == 0 are skipped.
     Scale 1/sqrt(D), softmax in float32, output [B, Lq, H, D] in q.dtype.
-    impl: "xla", "cudnn" (bf16/f16 on NVIDIA GPUs), "pallas" (GPU or TPU; on CPU only with
-    interpret=True, which runs the GPU kernel's semantics), "auto" (see _resolve_impl).
+    impl: a name of KERNELS or "auto" (see resolve_impl); interpret=True runs a Pallas kernel's semantics on CPU.
     """
     groups = _checked_groups(q, groups)
-    impl = _resolve_impl(impl, q.dtype, interpret)
-    if impl == "xla":
-        return reference_attention(q, groups)
-    if impl == "cudnn":
-        return _cudnn_attention(q, groups)
-    ks = tuple(k for k, _, _ in groups)
-    vs = tuple(v for _, v, _ in groups)
-    kv_lens = _kv_lens(groups)
-    kernel = paf_tpu if _platform() == "tpu" else paf_gpu
-    return kernel.paf_attention(q, ks, vs, kv_lens, interpret=interpret)
+    return KERNELS[resolve_impl(impl, q.dtype, interpret=interpret)].run(q, groups, interpret)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None = None, *,
@@ -94,30 +86,71 @@ def _cudnn_attention(q: jax.Array, groups: tuple[Group, ...]) -> jax.Array:
     return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
 
 
-def _resolve_impl(impl: Impl, dtype, interpret: bool) -> str:
-    """"auto": pallas on TPU; on GPU pallas for float32 (cuDNN has no float32 flash attention),
-    else AUTO_GPU_IMPL (chosen from benchmarks/results/kernels-*.json); xla elsewhere."""
-    if impl not in ("auto", "xla", "cudnn", "pallas"):
-        raise ValueError(f"unknown attention impl {impl!r}")
-    backend = _platform()
-    if impl == "auto":
-        if backend == "tpu":
-            return "pallas"
-        if backend == "gpu":
-            return "pallas" if jnp.dtype(dtype) == jnp.float32 else AUTO_GPU_IMPL
-        return "xla"
-    if impl == "pallas" and backend not in ("gpu", "tpu") and not interpret:
-        raise ValueError(f"impl='pallas' needs a GPU or TPU (backend is {backend!r}); "
-                         "pass interpret=True to run it on CPU")
-    if impl == "cudnn" and backend != "gpu":
-        raise ValueError(f"impl='cudnn' needs an NVIDIA GPU (backend is {backend!r})")
-    return impl
+def _pallas_attention(q: jax.Array, groups: tuple[Group, ...], interpret: bool) -> jax.Array:
+    ks = tuple(k for k, _, _ in groups)
+    vs = tuple(v for _, v, _ in groups)
+    kernel = paf_tpu if _platform() == "tpu" else paf_gpu
+    return kernel.paf_attention(q, ks, vs, _kv_lens(groups), interpret=interpret)
 
 
-# Which impl "auto" takes for bf16/f16 on NVIDIA GPUs: cuDNN, 1.3-1.5x faster than the Pallas
+# ---------------------------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Kernel:
+    """One attention implementation and what it needs."""
+
+    run: Callable[[jax.Array, tuple[Group, ...], bool], jax.Array]  # (q, groups, interpret) -> out
+    platforms: tuple[str, ...]  # backends it compiles for (a Pallas kernel also runs anywhere in interpret mode)
+    half_only: bool  # bf16/f16 inputs only
+    partitionable: bool  # GSPMD can split it over a mesh's devices (a Pallas custom call cannot be split)
+
+
+KERNELS: dict[str, Kernel] = {
+    "xla": Kernel(lambda q, groups, _: reference_attention(q, groups), ("cpu", "gpu", "tpu"), False, True),
+    "cudnn": Kernel(lambda q, groups, _: _cudnn_attention(q, groups), ("gpu",), True, True),
+    "pallas": Kernel(_pallas_attention, ("gpu", "tpu"), False, False),
+}
+IMPLS = ("auto", *KERNELS)  # every name a user may give (the CLI's choices)
+
+# Which kernel "auto" takes for bf16/f16 on NVIDIA GPUs: cuDNN, 1.3-1.5x faster than the Pallas
 # Triton kernel at every real shape on an H100, PAF (two cuDNN calls) included
 # (benchmarks/results/kernels-*h100-2026-11-25.json).
 AUTO_GPU_IMPL = "cudnn"
+
+
+def resolve_impl(impl: str, dtype, *, platform: str | None = None, partitioned: bool = False,
+                 interpret: bool = False) -> str:
+    """The kernel that runs for `impl` on `platform` (default: JAX's default backend).
+
+    partitioned: the program is split over several devices by GSPMD (a mesh, outside shard_map), which cannot
+    split a Pallas custom call (it would gather every input, KV caches included, onto each device): "auto" then
+    takes the fastest partitionable kernel and an explicit "pallas" is refused. Otherwise "auto" is Pallas on
+    TPU; on GPU Pallas for float32 (cuDNN has no float32 flash attention), else AUTO_GPU_IMPL; XLA elsewhere.
+    An explicit name is checked against the platform and dtype, so a bad choice fails before any compile.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}.")
+    platform = platform or _platform()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "auto":
+        if partitioned:
+            return "cudnn" if platform == "gpu" and half else "xla"
+        if platform == "tpu":
+            return "pallas"
+        if platform == "gpu":
+            return AUTO_GPU_IMPL if half else "pallas"
+        return "xla"
+    kernel = KERNELS[impl]
+    if partitioned and not kernel.partitionable:
+        raise ValueError(f"attn_impl {impl!r} is not partitioned across a mesh of several devices (its inputs would "
+                         "be gathered onto every device); use 'auto', 'cudnn' or 'xla', or data-parallel replicas "
+                         "with tensor=1.")
+    if platform not in kernel.platforms and not (interpret and impl == "pallas"):
+        fix = "; pass interpret=True to run it on CPU" if impl == "pallas" else ""
+        raise ValueError(f"attn_impl {impl!r} needs one of {kernel.platforms} (backend is {platform!r}){fix}.")
+    if kernel.half_only and not half:
+        raise ValueError(f"attn_impl {impl!r} takes bfloat16/float16 only, not {jnp.dtype(dtype).name}.")
+    return impl
 
 
 def _platform() -> str:

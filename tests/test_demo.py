@@ -95,7 +95,7 @@ def test_teacher_forcing_forward_equals_the_kv_cached_loop():
     from dfjax.cache import AttentionLayout, init_cache
     from dfjax.config import WanConfig
     from dfjax.model.rope import rope_tables
-    from dfjax.model.transformer import WanDiT
+    from dfjax.model.transformer import ChunkCall, ChunkStep, WanDiT
     from dfjax.train_demo import teacher_forcing_flow
 
     cfg = WanConfig.tiny(num_layers=2)
@@ -118,10 +118,11 @@ def test_teacher_forcing_forward_equals_the_kv_cached_loop():
         cache = init_cache(layout, 1, cfg.head_dim, jnp.float32)
         for p in range(c):
             sl = slice(p * cf, (p + 1) * cf)
-            _, cache, _ = model(x0[:, sl], jnp.zeros((1, cf)), kv, cache, layout, rope, jnp.int32(p * cf),
-                                is_refresh=True, impl="xla")
+            _, cache, _ = model(x0[:, sl], jnp.zeros((1, cf)), kv, cache, rope, ChunkStep.at(p * cf, True),
+                                ChunkCall("xla"))
         sl = slice(c * cf, (c + 1) * cf)
-        ref.append(np.asarray(model(xt[:, sl], t[:, sl], kv, cache, layout, rope, jnp.int32(c * cf), impl="xla")[0]))
+        out = model(xt[:, sl], t[:, sl], kv, cache, rope, ChunkStep.at(c * cf), ChunkCall("xla"))[0]
+        ref.append(np.asarray(out))
     ref = np.concatenate(ref, axis=1)
     assert np.abs(ours - ref).max() < 1e-4
     assert np.abs(ref).mean() > 0.1

@@ -18,13 +18,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dfjax.convert.transformer import convert_transformer  # noqa: E402
-from dfjax import hma  # noqa: E402
 from dfjax.cache import AttentionLayout, init_cache  # noqa: E402
 from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape, WanConfig  # noqa: E402
-from dfjax.dummy import DUMMY, NEIGHBOUR, SINK, HeadPlan  # noqa: E402
+from dfjax.convert.transformer import convert_transformer  # noqa: E402
+from dfjax.dummy import DUMMY, NEIGHBOUR, SINK, HeadPlan, HeadType, standard_table  # noqa: E402
+from dfjax.dummy import hma  # noqa: E402
 from dfjax.model.rope import rope_tables  # noqa: E402
-from dfjax.model.transformer import WanDiT  # noqa: E402
+from dfjax.model.transformer import ChunkCall, ChunkStep, WanDiT  # noqa: E402
 from dfjax.params import assign_params  # noqa: E402
 from dfjax.pipeline import Generator, RunConfig  # noqa: E402
 from dfjax.sampling import schedule  # noqa: E402
@@ -50,7 +50,7 @@ def context(batch=1):
 
 def a_plan(packed=True, L=1):
     types = ((SINK, DUMMY, NEIGHBOUR, DUMMY), (DUMMY, DUMMY, SINK, SINK), (NEIGHBOUR, NEIGHBOUR, DUMMY, NEIGHBOUR))
-    return HeadPlan(types, local_context_length=L, packed_dummy=packed)
+    return HeadPlan(types, standard_table(L, packed_dummy=packed))
 
 
 def test_permuted_model_gives_the_same_output(models):
@@ -65,7 +65,7 @@ def test_permuted_model_gives_the_same_output(models):
     for m in (model, permuted):
         kv = m.text_kv(jnp.asarray(context()))
         cache = init_cache(layout, 1, CFG.head_dim, jnp.float32)
-        outs.append(np.asarray(m(x, t, kv, cache, layout, rope_tables(CFG.head_dim), jnp.int32(0), impl="xla")[0]))
+        outs.append(np.asarray(m(x, t, kv, cache, rope_tables(CFG.head_dim), ChunkStep.at(0), ChunkCall("xla"))[0]))
     assert not np.array_equal(np.asarray(model.blocks[0].self_attn.q.kernel[...]),
                               np.asarray(permuted.blocks[0].self_attn.q.kernel[...]))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
@@ -83,14 +83,10 @@ def head_masks(plan: HeadPlan, layer: int, num_chunks: int, ar_start: int, L: in
         for h in range(CFG.num_heads):
             if j <= ar_start:  # warm-up: frame 0, the last L chunks, the chunk
                 ok = (fk == 0) | ((fk >= end - (L + 1) * CF) & (fk < end))
-            else:
-                kind = plan.head_types[layer][h]
-                if kind == SINK:
-                    ok = (fk == 0) | own
-                elif kind == NEIGHBOUR:
-                    ok = (fk >= end - (L + 1) * CF) & (fk < end)
-                else:  # packed: the newest clean frame (last of the previous chunk); paper: chunk only
-                    ok = own | ((fk == j * CF - 1) if plan.packed_dummy else False)
+            else:  # the row of the head's type: its first frames, newest clean frames, last history chunks
+                t = plan.table[plan.head_types[layer][h]]
+                ok = own | (fk < t.first_frames) | ((fk >= j * CF - t.newest_frames) & (fk < j * CF))
+                ok |= (fk >= j * CF - t.history_chunks * CF) & (fk < end)
             masks[h, rows] = ok[None, :]
     return np.repeat(np.repeat(masks, TPF, 1), TPF, 2)
 
@@ -134,7 +130,23 @@ def test_dummy_forcing_loop_matches_per_head_masked_oracle(models, packed):
     ours = np.asarray(gen.generate(jnp.asarray(context()), seed=5))
     ref = oracle_loop(tm, plan, ar_start=1, L=1, seed=5, ctx=context())
     assert np.abs(ours - ref).max() < 2e-4
-    assert gen.trace_counts == {"step0": 1, "step1": 1}  # warm-up step, then one plan step for chunks 2, 3
+    assert gen.stats.trace_counts == {"step0": 1, "step1": 1}  # warm-up step, then one plan step for chunks 2, 3
+
+
+def test_a_new_head_type_is_one_table_row(models):
+    """A third history type (a window of 2 chunks) added as one row of the head table: it gets its own cache group
+    and the Dummy Forcing loop still equals the per-head masked oracle, which reads the same row."""
+    tm, model = models
+    table = standard_table(1).with_type(HeadType("window2", 3, history_chunks=2, score=1))
+    plan = HeadPlan(((SINK, 3, NEIGHBOUR, DUMMY), (3, DUMMY, SINK, 3), (NEIGHBOUR, 3, DUMMY, NEIGHBOUR)), table)
+    layout = hma.plan_layout(plan, TPF, CF)
+    assert [[(g.num_heads, g.capacity_frames) for g in layer] for layer in layout.layers] == [
+        [(2, 1 + CF), (1, 2 * CF), (1, 3 * CF)], [(2, 1 + CF), (2, 3 * CF)], [(1, 1 + CF), (2, 2 * CF), (1, 3 * CF)]]
+    run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla",
+                    dummy=DummyForcingConfig(ar_start=1, local_context_length=1))
+    ours = np.asarray(Generator(model, run, plan=plan).generate(jnp.asarray(context()), seed=5))
+    ref = oracle_loop(tm, plan, ar_start=1, L=1, seed=5, ctx=context())
+    assert np.abs(ours - ref).max() < 2e-4
 
 
 class RecordQK:
@@ -188,8 +200,8 @@ def test_exact_online_scores_match_dense_attention_of_the_oracle(models):
         sink = p[:, :, :TPF].sum(-1).mean(-1)
         cur = p[:, :, -CF * TPF:].sum(-1).mean(-1)
         ref.append(np.stack([sink, 1 - sink - cur, cur], -1))
-    np.testing.assert_allclose(gen.scores, np.stack(ref), atol=1e-4)
-    assert gen.last_plan.num_dummy == 4
+    np.testing.assert_allclose(gen.stats.scores, np.stack(ref), atol=1e-4)
+    assert gen.stats.last_plan.num_dummy == 4
 
 
 def test_planted_current_frame_heads_are_classified_dummy():
@@ -211,9 +223,9 @@ def test_planted_current_frame_heads_are_classified_dummy():
                     dummy=DummyForcingConfig(ar_start=1, num_dummy=len(planted), query_rows="exact"))
     gen = Generator(model, run)
     gen.generate(jnp.asarray(context()))
-    assert gen.last_plan.dummy_heads() == frozenset(planted)
+    assert gen.stats.last_plan.dummy_heads() == frozenset(planted)
     for layer, head in planted:
-        assert gen.scores[layer, head, 2] > 0.8  # over 80% of the mass on the current chunk
+        assert gen.stats.scores[layer, head, 2] > 0.8  # over 80% of the mass on the current chunk
 
 
 def test_the_compiled_plan_step_gathers_no_heads(models):
@@ -223,7 +235,7 @@ def test_the_compiled_plan_step_gathers_no_heads(models):
     gen = Generator(model, run, plan=a_plan())
     gen.generate(jnp.asarray(context()))
     plan_layout = hma.plan_layout(a_plan(), TPF, CF)
-    hlo = gen._compiled[plan_layout, False].as_text()
+    hlo = gen.step(plan_layout).compiled.as_text()
     assert "gather(" not in hlo and "scatter(" not in hlo
-    warmup_hlo = gen._compiled[gen.first_layout(), False].as_text()
+    warmup_hlo = gen.step(gen.first_layout).compiled.as_text()
     assert "dynamic-update-slice(" in warmup_hlo  # the check reads real HLO text

@@ -19,6 +19,7 @@ from dfjax.dummy import (
     frame_attention_scores,
     sample_query_rows,
     solve_dhp,
+    standard_table,
 )
 
 # ---------------------------------------------------------------- DHP
@@ -125,11 +126,11 @@ def test_permutation_and_group_sizes():
 
 def test_plan_is_hashable_and_scores_are_provenance_only():
     scores = random_scores(np.random.default_rng(2), (2, 3), integer=False)
-    plan = HeadPlan.from_scores(scores, 2, "release", local_context_length=1)
-    same_types = HeadPlan(plan.head_type_array(), 1)
+    plan = HeadPlan.from_scores(scores, 2, "release", standard_table(1))
+    same_types = HeadPlan(plan.head_type_array(), standard_table(1))
     assert plan == same_types and hash(plan) == hash(same_types)
-    assert plan != HeadPlan(plan.head_types, 2)
-    assert plan != HeadPlan(plan.head_types, 1, packed_dummy=False)
+    assert plan != HeadPlan(plan.head_types, standard_table(2))
+    assert plan != HeadPlan(plan.head_types, standard_table(1, packed_dummy=False))
     np.testing.assert_array_equal(plan.head_type_array(), solve_dhp(scores, 2, "release"))
 
 
@@ -141,7 +142,7 @@ def test_uniform_plan():
 
 def test_plan_validation_errors():
     with pytest.raises(ValueError, match="local_context_length must be >= 0"):
-        HeadPlan.uniform(2, 3, local_context_length=-1)
+        HeadPlan.uniform(2, 3, table=standard_table(local_context_length=-1))
     with pytest.raises(ValueError, match=r"num_dummy must be in \[0, 6\]"):
         HeadPlan.from_scores(np.full((2, 3, 3), 0.3), 9)
     with pytest.raises(ValueError, match="codes"):
@@ -159,12 +160,12 @@ def test_profile_for_another_model_shape():
 
 def test_json_round_trip(tmp_path):
     scores = random_scores(np.random.default_rng(3), (4, 5), integer=False).astype(np.float32)
-    plan = HeadPlan.from_scores(scores, 7, "none", local_context_length=2, packed_dummy=False)
+    plan = HeadPlan.from_scores(scores, 7, "none", standard_table(2, packed_dummy=False))
     path = tmp_path / "profile.json"
     plan.save(path)
     loaded = HeadPlan.load(path)
     assert loaded == plan
-    assert (loaded.local_context_length, loaded.packed_dummy, loaded.normalize, loaded.num_dummy) == (2, False, "none", 7)
+    assert (loaded.table, loaded.normalize, loaded.num_dummy) == (standard_table(2, False), "none", 7)
     np.testing.assert_array_equal(np.asarray(loaded.scores), scores.astype(np.float64))
     bare = HeadPlan.uniform(2, 3, SINK)
     assert HeadPlan.from_json(bare.to_json()) == bare and HeadPlan.from_json(bare.to_json()).scores is None
@@ -183,7 +184,8 @@ def _profile_dict():
         (lambda d: d.update(num_layers=3), "declares 3 layers"),
         (lambda d: d.update(num_dummy=5), "with 5 dummy"),
         (lambda d: d["head_types"][0].append(1), "malformed"),
-        (lambda d: d.update(packed_dummy="yes"), "packed_dummy"),
+        (lambda d: d["head_table"][0].update(newest_frames=1), "the first or the newest"),
+        (lambda d: d["head_table"][0].pop("score"), "head_table must be"),
         (lambda d: d["scores"].pop(), "scores must be"),
     ],
 )
@@ -193,6 +195,20 @@ def test_malformed_profiles(tmp_path, edit, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
+        HeadPlan.load(path)
+
+
+def test_version_1_profiles_still_load(tmp_path):
+    """Profiles written before the head table (version 1) name a standard table by its two parameters."""
+    plan = HeadPlan.from_scores(np.full((2, 3, 3), 0.3), 2, "release", standard_table(2, packed_dummy=False))
+    data = {k: v for k, v in json.loads(plan.to_json()).items() if k != "head_table"}
+    data.update(version=1, local_context_length=2, packed_dummy=False)
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    assert HeadPlan.load(path) == plan
+    data["packed_dummy"] = "yes"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="packed_dummy"):
         HeadPlan.load(path)
 
 

@@ -29,13 +29,13 @@ def test_random_plan_and_kept_mass():
     types, dtypes = plan.head_type_array(), dhp.head_type_array()
     both = (types != DUMMY) & (dtypes != DUMMY)
     assert np.array_equal(types[both], dtypes[both])  # non-dummy heads typed as DHP types them
-    kept = fidelity.kept_mass(scores, types)
+    kept = fidelity.kept_mass(scores, plan)
     s = scores
     want = np.where(types == SINK, s[..., 0] + s[..., 2], np.where(types == NEIGHBOUR, s[..., 1] + s[..., 2], s[..., 2]))
     assert abs(kept["total"] - want.mean()) < 1e-12 and kept["dummy_heads"] == 10
     # DHP keeps at least as much as any random choice under its own (raw) objective
     raw = HeadPlan.from_scores(scores, 10, normalize="none")
-    assert fidelity.kept_mass(scores, raw.head_type_array())["total"] >= kept["total"] - 1e-12
+    assert fidelity.kept_mass(scores, raw)["total"] >= kept["total"] - 1e-12
 
 
 @pytest.fixture(scope="module")

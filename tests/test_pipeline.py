@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from dfjax.config import CacheConfig, DummyForcingConfig, SamplingConfig, VideoShape, WanConfig
-from dfjax.dummy import NEIGHBOUR, HeadPlan
+from dfjax.dummy import NEIGHBOUR, HeadPlan, standard_table
 from dfjax.model.transformer import WanDiT
 from dfjax.pipeline import Generator, RunConfig
 from dfjax.sampling import schedule
@@ -43,7 +43,7 @@ def test_same_seed_same_latents_and_one_compile_for_all_chunks():
     assert a.shape == (1, 6, 4, 6, CFG.in_channels)
     assert np.array_equal(a, b)  # bit for bit on the same device
     assert not np.allclose(a, c)
-    assert gen.trace_counts == {"step0": 1}  # 3 chunks x 2 videos, traced once
+    assert gen.stats.trace_counts == {"step0": 1}  # 3 chunks x 2 videos, traced once
 
 
 @pytest.mark.parametrize("on_mesh", [False, True], ids=["unsharded", "mesh-of-one"])
@@ -70,17 +70,13 @@ def test_a_second_video_compiles_nothing(on_mesh):
 def test_online_dummy_forcing_keeps_a_bounded_number_of_plan_steps():
     """Each new plan layout compiles a step; beyond max_plan_steps the least recently used goes (host memory of a
     long many-prompt run), and a plan seen again is compiled again with the same result."""
-    from dfjax import hma
-
     run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla", dummy=DummyForcingConfig(ar_start=1))
     gen = Generator(make_model(), run, max_plan_steps=1)
-    first, layouts, videos = gen.first_layout(), set(), {}
-    tpf = first.tokens_per_frame
+    layouts, videos = set(), {}
     for seed in range(4):
         videos[seed] = np.asarray(gen.generate(context(seed), seed=seed))
-        layouts.add(hma.plan_layout(gen.last_plan, tpf, SAMPLING.chunk_frames))
-        plan_steps = [k for k in gen._compiled if k[0] != first]
-        assert len(plan_steps) <= 1 and len(gen._transitions) <= 1
+        layouts.add(gen.dummy.layout(gen.stats.last_plan))
+        assert gen._plan_steps.cache_info().currsize <= 1 and gen._transitions.cache_info().currsize <= 1
     assert len(layouts) >= 2  # the plans differed, so steps were dropped
     np.testing.assert_array_equal(np.asarray(gen.generate(context(0), seed=0)), videos[0])
 
@@ -89,9 +85,9 @@ def test_each_chunk_step_updates_the_cache_in_place():
     """The cache is donated: the step's input buffers are consumed (no copy of the cache per chunk)."""
     gen = Generator(make_model(), RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla"))
     kv = gen.text_kv(context())
-    layout = gen.first_layout()
+    layout = gen.first_layout
     cache = gen.placement.init_cache(layout, gen.cache_dtype)
-    _, new_cache, _ = gen._run_step(layout, gen.params, kv, cache, jax.random.PRNGKey(0), np.int32(0), None)
+    _, new_cache, _ = gen._run_step(layout, None, gen.params, kv, cache, jax.random.PRNGKey(0), 0)
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))
     assert not any(x.is_deleted() for x in jax.tree.leaves(new_cache))
 
@@ -110,7 +106,7 @@ def test_dummy_forcing_with_all_neighbour_full_window_plan_equals_baseline():
     """A plan where every head is a neighbour head with a window over the whole video is the baseline."""
     model = make_model()
     base = Generator(model, RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla")).generate(context())
-    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, local_context_length=3)
+    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, standard_table(3))
     df = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla",
                    dummy=DummyForcingConfig(ar_start=0, local_context_length=3))
     gen = Generator(model, df, plan=plan)

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dfjax.dummy import DUMMY, NEIGHBOUR, SINK, HeadPlan
+from dfjax.dummy import DUMMY, NEIGHBOUR, SINK, HeadPlan, standard_table
 from dfjax.dummy.dhp import solve_dhp
-from dfjax.sharding import (CACHE_AXES, MeshConfig, Rules, group_sizes_of, param_logical_axes, plan_is_shardable,
-                            shardable_plan)
+from dfjax.dummy.mesh import cache_group_sizes as group_sizes_of
+from dfjax.dummy.mesh import plan_is_shardable, shardable_plan
+from dfjax.sharding import CACHE_AXES, MeshConfig, Rules, param_logical_axes
 
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = ((1, 8), (2, 4), (8, 1))
@@ -150,7 +151,7 @@ def test_shardable_plan_splits_every_group_and_keeps_the_dummy_budget(packed, te
         rng = np.random.default_rng(seed)
         scores = rng.random((5, heads, 3)) ** 3
         n_dummy = int(rng.integers(0, 5 * heads + 1))
-        plan = HeadPlan.from_scores(scores, n_dummy, packed_dummy=packed)
+        plan = HeadPlan.from_scores(scores, n_dummy, table=standard_table(packed_dummy=packed))
         out = shardable_plan(plan, tensor)
         assert plan_is_shardable(out, tensor), group_sizes_of(out)
         assert shardable_plan(out, tensor) is out  # already shardable: unchanged
@@ -159,7 +160,7 @@ def test_shardable_plan_splits_every_group_and_keeps_the_dummy_budget(packed, te
         else:
             assert out.num_dummy == int(round(n_dummy / tensor)) * tensor
             assert all(d % tensor == 0 for _, d, _ in out.group_sizes)
-        assert (out.scores, out.normalize, out.packed_dummy) == (plan.scores, plan.normalize, packed)
+        assert (out.scores, out.normalize, out.table) == (plan.scores, plan.normalize, plan.table)
 
 
 def test_shardable_plan_packed_keeps_the_most_mass_for_its_dummy_heads():
@@ -168,12 +169,12 @@ def test_shardable_plan_packed_keeps_the_most_mass_for_its_dummy_heads():
     for seed in range(10):
         rng = np.random.default_rng(100 + seed)
         scores = rng.random((2, heads, 3))
-        plan = HeadPlan.from_scores(scores, 5, packed_dummy=True)
+        plan = HeadPlan.from_scores(scores, 5)
         out = shardable_plan(plan, tensor)
         best = -1.0
         choices = [[(SINK, NEIGHBOUR) if t != DUMMY else (DUMMY,) for t in row] for row in plan.head_types]
         for rows in itertools.product(*[list(itertools.product(*c)) for c in choices]):
-            cand = HeadPlan(np.asarray(rows), packed_dummy=True)
+            cand = HeadPlan(np.asarray(rows))
             if plan_is_shardable(cand, tensor):
                 best = max(best, retained(cand, scores))
         assert retained(out, scores) == pytest.approx(best, abs=1e-12)
@@ -184,7 +185,7 @@ def test_shardable_plan_without_scores_moves_few_heads():
     out = shardable_plan(HeadPlan(types), 4)
     assert group_sizes_of(out) == ((8, 0),)  # one neighbour head becomes sink, not three sinks neighbours
     assert int(np.sum(np.asarray(out.head_types) != types)) == 1
-    paper = shardable_plan(HeadPlan(types, packed_dummy=False), 2)
+    paper = shardable_plan(HeadPlan(types, standard_table(packed_dummy=False)), 2)
     assert paper.group_sizes == ((2, 4, 2),)
     assert int(np.sum(np.asarray(paper.head_types) != types)) == 1
     with pytest.raises(ValueError, match="do not split over tensor=3"):
@@ -310,7 +311,7 @@ def _plan_8() -> HeadPlan:
     types[0, rng.permutation(16)[:8]] = [SINK] * 3 + [DUMMY] * 5
     types[1, :] = DUMMY
     types[1, rng.permutation(16)[:6]] = SINK
-    return HeadPlan(types, local_context_length=1)
+    return HeadPlan(types, standard_table(1))
 
 
 def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
@@ -320,8 +321,8 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
     import jax.numpy as jnp
     from flax import nnx
 
-    from dfjax import hma
     from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape, WanConfig
+    from dfjax.dummy import hma
     from dfjax.model.transformer import WanDiT
     from dfjax.params import path_key
     from dfjax.pipeline import Generator, RunConfig
@@ -361,8 +362,8 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
         report["baseline"][name] = {"max_abs_diff": float(np.max(np.abs(np.asarray(out) - ref))),
                                     "out_spec": str(out.sharding.spec)}
         if name == "1x8":
-            ((layout, _), compiled), = g._compiled.items()
-            report["cache_gathers"]["baseline"] = gathers(compiled, capacities(layout))
+            compiled = g.step(g.first_layout).compiled
+            report["cache_gathers"]["baseline"] = gathers(compiled, capacities(g.first_layout))
 
     # Dummy Forcing with a plan whose groups split over 8: layer 0 groups (8, 8), layer 1 (16, 0)
     plan = _plan_8()
@@ -374,12 +375,13 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
         g = Generator(model, dfrun, batch=batch, mesh=mesh, plan=plan)
         out = g.generate(ctx, seed=5)
         report["dummy"][name] = {"max_abs_diff": float(np.max(np.abs(np.asarray(out) - ref))),
-                                 "traces": g.trace_counts}
+                                 "traces": g.stats.trace_counts}
         if name not in ("1x8", "2x4"):
             continue
         t = mesh.shape["tensor"]
         caches = {}
-        for kind, ((layout, _), compiled) in zip(("warmup", "plan"), g._compiled.items()):
+        for kind, layout in (("warmup", g.first_layout), ("plan", g.dummy.layout(g.stats.last_plan))):
+            compiled = g.step(layout).compiled
             leaves = []
             cache_in = jax.tree.leaves(compiled.input_shardings[0][2])
             cache_out = jax.tree.leaves(compiled.output_shardings[1])
@@ -404,12 +406,12 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
                        dummy=DummyForcingConfig(ar_start=1, num_dummy=13))  # scored at chunk 1 of 3
     g = Generator(model, online, batch=batch, mesh=meshes["2x4"])
     out = g.generate(ctx, seed=7)
-    ref = Generator(model, online, batch=batch, plan=g.last_plan).generate(ctx, seed=7)
+    ref = Generator(model, online, batch=batch, plan=g.stats.last_plan).generate(ctx, seed=7)
     report["online"] = {"max_abs_diff": float(np.max(np.abs(np.asarray(out) - np.asarray(ref)))),
-                        "shardable": plan_is_shardable(g.last_plan, 4), "num_dummy": g.last_plan.num_dummy}
+                        "shardable": plan_is_shardable(g.stats.last_plan, 4), "num_dummy": g.stats.last_plan.num_dummy}
 
     # paper plan (no packed heads): no scatter, so no gathers expected
-    paper = HeadPlan(types, local_context_length=1, packed_dummy=False)
+    paper = HeadPlan(types, standard_table(1, packed_dummy=False))
     paper = shardable_plan(paper, 8)
     pg = Generator(model, RunConfig(video=video, sampling=sampling, attn_impl="xla",
                                     dummy=DummyForcingConfig(ar_start=0, packed_dummy=False)),
@@ -417,14 +419,14 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
     layout = hma.plan_layout(paper, 6, 2)
     rep = jax.sharding.NamedSharding(meshes["1x8"], P())
     args = (pg.params, pg.text_kv(ctx), pg.placement.init_cache(layout, jnp.float32),
-            jax.device_put(jax.random.PRNGKey(0), rep), jax.device_put(jnp.int32(1), rep), None)
-    compiled = pg._step(layout).lower(*args).compile()
+            jax.device_put(jax.random.PRNGKey(0), rep), jax.device_put(jnp.int32(1), rep), pg.schedule, None)
+    compiled = pg.step(layout).fn.lower(*args).compile()
     report["cache_gathers"]["plan_paper"] = gathers(compiled, capacities(layout))
 
     # a mesh rounds an unshardable plan, and keeps Pallas out of GSPMD
     raw = HeadPlan.from_scores(np.random.default_rng(1).random((2, 16, 3)), 11)
     g = Generator(model, dfrun, batch=batch, mesh=meshes["2x4"], plan=raw)
-    report["adjusted_plan_ok"] = (not plan_is_shardable(raw, 4)) and g.plan == shardable_plan(raw, 4)
+    report["adjusted_plan_ok"] = (not plan_is_shardable(raw, 4)) and g.dummy.plan == shardable_plan(raw, 4)
     try:
         g.placement.attn_impl("pallas", "float32")
         pallas_error = False

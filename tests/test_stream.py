@@ -12,8 +12,9 @@ import jax.numpy as jnp
 
 from dfjax.cache import init_cache
 from dfjax.config import DummyForcingConfig, SamplingConfig, VideoShape
-from dfjax.dummy import NEIGHBOUR, HeadPlan
+from dfjax.dummy import NEIGHBOUR, HeadPlan, standard_table
 from dfjax.model.rope import rope_tables
+from dfjax.model.transformer import ChunkCall, ChunkStep
 from dfjax.pipeline import Generator, RunConfig, base_layout
 from dfjax.sampling import schedule
 from tests.test_pipeline import CFG, context, make_model
@@ -43,16 +44,17 @@ def reference_stream(model, ctx, seed):
     tt = lambda v: jnp.full((1, cf), v, jnp.float32)
     cache = init_cache(layout, 1, CFG.head_dim, jnp.float32)
     x = noise(key, 0, 0, shape)
+    xla = ChunkCall("xla")
     for s in range(n):
-        flow, cache, _ = model(x, tt(t[s]), kv, cache, layout, rope, 0, impl="xla")
+        flow, cache, _ = model(x, tt(t[s]), kv, cache, rope, ChunkStep.at(0), xla)
         x0 = x - sig[s] * flow
         x = (1 - nxt[s]) * x0 + nxt[s] * noise(key, 0, s + 1, shape)
-    _, cache, _ = model(x0, tt(0.0), kv, cache, layout, rope, 0, is_refresh=True, impl="xla")
+    _, cache, _ = model(x0, tt(0.0), kv, cache, rope, ChunkStep.at(0, is_refresh=True), xla)
     out, caches = [x0], [cache] * n
     for c in range(1, RUN.num_chunks):
         x = noise(key, c, 0, shape)
         for s in range(n):
-            flow, caches[s], _ = model(x, tt(t[s]), kv, caches[s], layout, rope, c * cf, is_refresh=True, impl="xla")
+            flow, caches[s], _ = model(x, tt(t[s]), kv, caches[s], rope, ChunkStep.at(c * cf, is_refresh=True), xla)
             x0 = x - sig[s] * flow
             x = (1 - nxt[s]) * x0 + nxt[s] * noise(key, c, s + 1, shape)
         out.append(x0)
@@ -70,9 +72,9 @@ def test_stream_ticks_equal_the_chunk_by_chunk_loop_with_a_cache_per_step():
     assert np.array_equal(out[:, :2], seq[:, :2])  # the prefill is the sequential loop's first chunk, bit for bit
     assert not np.allclose(out[:, 2:], seq[:, 2:], atol=1e-3)  # a different sampler after it
     # a second video reuses the compiled tick; the same seed gives the same video
-    compile_s = gen.compile_s
+    compile_s = gen.stats.compile_s
     assert np.array_equal(np.asarray(gen.generate(context(), seed=2)), out)
-    assert gen.compile_s == compile_s
+    assert gen.stats.compile_s == compile_s
 
 
 def test_stream_chunks_come_out_in_order_one_per_tick():
@@ -86,7 +88,7 @@ def test_dummy_forcing_streams_after_its_plan_is_fixed():
     """Prefill = chunks 0..ar_start of the sequential Dummy Forcing loop; with a plan whose heads are all neighbour
     heads over the whole video, the stream after it equals the baseline's stream."""
     model = make_model()
-    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, local_context_length=6)
+    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, standard_table(6))
     df = DummyForcingConfig(ar_start=0, local_context_length=6)
     out = Generator(model, RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla", dummy=df, stream=True),
                     plan=plan).generate(context(), seed=1)
@@ -98,7 +100,7 @@ def test_dummy_forcing_streams_after_its_plan_is_fixed():
     gen = Generator(model, online)
     streamed = np.asarray(gen.generate(context(), seed=1))
     seq = np.asarray(Generator(model, online.__class__(**{**online.__dict__, "stream": False}),
-                               plan=gen.last_plan).generate(context(), seed=1))
+                               plan=gen.stats.last_plan).generate(context(), seed=1))
     assert gen.prefill_chunks == 3
     np.testing.assert_allclose(streamed[:, :6], seq[:, :6], atol=2e-5, rtol=0)  # chunks 0..ar_start: sequential
     assert np.all(np.isfinite(streamed)) and not np.allclose(streamed[:, 6:], seq[:, 6:], atol=1e-3)
@@ -108,4 +110,5 @@ def test_stream_steps_must_split_over_the_group():
     from dfjax.stream import StreamRunner
 
     with pytest.raises(ValueError, match="4 denoising steps over the group's 3 devices; choose a group of \\[1, 2, 4\\]"):
-        StreamRunner(None, type("M", (), {"shape": {"tensor": 3, "data": 1}})(), 4, (1,), None, None, "xla", 6)
+        StreamRunner(None, type("M", (), {"shape": {"tensor": 3, "data": 1}})(), 4, (1,), None, None, "xla", "float32",
+                     6)

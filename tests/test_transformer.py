@@ -16,11 +16,11 @@ pytest.importorskip("diffusers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dfjax.convert.transformer import convert_transformer  # noqa: E402
 from dfjax.cache import AttentionLayout, init_cache  # noqa: E402
 from dfjax.config import WanConfig  # noqa: E402
+from dfjax.convert.transformer import convert_transformer  # noqa: E402
 from dfjax.model.rope import rope_tables  # noqa: E402
-from dfjax.model.transformer import WanDiT  # noqa: E402
+from dfjax.model.transformer import ChunkCall, ChunkStep, WanDiT  # noqa: E402
 from dfjax.params import assign_params  # noqa: E402
 from tests.oracles import diffusers_forward, set_self_attention_mask, tiny_diffusers_transformer  # noqa: E402
 
@@ -48,8 +48,9 @@ def to_cfhw(x):  # [B, F, H, W, C] -> [B, C, F, H, W]
 
 def run_chunk(model, x, t, context, cache, layout, frame_start, refresh=False):
     kv = model.text_kv(jnp.asarray(context))
-    flow, cache, _ = model(jnp.asarray(x), jnp.asarray(t), kv, cache, layout, rope_tables(CFG.head_dim),
-                           jnp.int32(frame_start), is_refresh=refresh, impl="xla")
+    assert cache.layout == layout
+    flow, cache, _ = model(jnp.asarray(x), jnp.asarray(t), kv, cache, rope_tables(CFG.head_dim),
+                           ChunkStep.at(frame_start, refresh), ChunkCall("xla"))
     return np.asarray(flow), cache
 
 

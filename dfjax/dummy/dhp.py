@@ -1,28 +1,21 @@
-"""DHP: choose which heads become dummy, sink or neighbour heads from their frame attention scores.
+"""DHP: choose each head's type from its frame attention scores, for exactly N dummy heads over all layers.
 
-Per head F = (F0 sink, F1 neighbour, F2 current). A sink head keeps F0 + F2, a neighbour head
-F1 + F2, a dummy head F2. With exactly N dummy heads over all layers the retained mass is maximal
-when the N heads with the smallest max(F0, F1) are dummy and every other head takes the larger of
-F0, F1 (sink on a tie). A sort, not a dynamic program; it runs once per video on the host.
+A head of a history type (a row of the head table with a score column) keeps that column's mass plus the
+current chunk's; a dummy head keeps only the current chunk's. The retained mass is largest when every non-dummy
+head takes the history type of largest mass (the first in table order on a tie: sink before neighbour) and the N
+heads whose best history mass is smallest are dummy. A sort, not a dynamic program; it runs once per video on
+the host.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Literal
 
 import numpy as np
 
+from dfjax.dummy.heads import HeadTable, standard_table
 
-class HeadType(IntEnum):
-    """Head codes used in plans and profiles."""
-
-    SINK = 0  # keys: first latent frame ; current chunk
-    NEIGHBOUR = 1  # keys: last local_context_length chunks ; current chunk
-    DUMMY = 2  # keys: current chunk (paper) or newest clean latent frame ; current chunk (release)
-
-
-SINK, NEIGHBOUR, DUMMY = HeadType.SINK, HeadType.NEIGHBOUR, HeadType.DUMMY
+Normalize = Literal["release", "none"]
 
 
 def check_num_dummy(num_dummy: int, num_layers: int, num_heads: int) -> None:
@@ -33,33 +26,46 @@ def check_num_dummy(num_dummy: int, num_layers: int, num_heads: int) -> None:
         )
 
 
-def solve_dhp(
-    scores: np.ndarray, num_dummy: int, normalize: Literal["release", "none"] = "release"
-) -> np.ndarray:
-    """Head types int8 [num_layers, num_heads] (HeadType codes) from scores [num_layers, num_heads, 3].
+def history_masses(scores: np.ndarray, normalize: Normalize | None, table: HeadTable) -> np.ndarray:
+    """[..., T] the mass each head keeps in each history type of the table (table.history order), as DHP compares
+    them: "release" (and None, the default) divides each score column by its sum over all heads (the public
+    release), "none" compares raw masses (the paper's objective)."""
+    if normalize not in (None, "release", "none"):
+        raise ValueError(f"normalize must be 'release' or 'none', got {normalize!r}")
+    scores = np.asarray(scores, dtype=np.float64)
+    columns = []
+    for t in table.history:
+        mass = scores[..., t.score]
+        if normalize != "none":
+            mass = mass / (mass.sum() or 1.0)  # an all-zero column stays zero instead of dividing by zero
+        columns.append(mass)
+    return np.stack(columns, axis=-1)
 
-    normalize="release" divides F0 and F1 by their sums over all heads before comparing (the public
-    release); "none" compares the raw masses (the paper's objective). Ties in cost go to the lower
-    flat head index (layer-major); sink/neighbour ties go to sink.
+
+def solve_dhp(scores: np.ndarray, num_dummy: int, normalize: Normalize = "release",
+              table: HeadTable | None = None) -> np.ndarray:
+    """Head type codes int8 [num_layers, num_heads] from scores [num_layers, num_heads, 3].
+
+    Ties in cost go to the lower flat head index (layer-major).
     """
+    table = table or standard_table()
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 3 or scores.shape[2] != 3:
         raise ValueError(f"scores must be [num_layers, num_heads, 3], got shape {scores.shape}")
     if not np.all(np.isfinite(scores)) or np.any(scores < 0):
         raise ValueError("scores must be finite, non-negative attention masses")
-    if normalize not in ("release", "none"):
-        raise ValueError(f"normalize must be 'release' or 'none', got {normalize!r}")
     num_layers, num_heads, _ = scores.shape
     check_num_dummy(num_dummy, num_layers, num_heads)
+    if not table.history:
+        raise ValueError("the head table has no type with a score; DHP has nothing to choose from.")
+    if num_dummy and table.dummy is None:
+        raise ValueError("the head table has no dummy type (one without a score); use num_dummy=0.")
 
-    sink_mass, neighbour_mass = scores[..., 0].ravel(), scores[..., 1].ravel()
-    if normalize == "release":
-        # An all-zero column stays zero instead of dividing by zero.
-        sink_mass = sink_mass / (sink_mass.sum() or 1.0)
-        neighbour_mass = neighbour_mass / (neighbour_mass.sum() or 1.0)
-
-    types = np.where(sink_mass >= neighbour_mass, SINK, NEIGHBOUR).astype(np.int8)
-    # A dummy head loses what its best non-dummy type would have kept; F2 is kept either way.
-    cost = np.maximum(sink_mass, neighbour_mass)
-    types[np.argsort(cost, kind="stable")[:num_dummy]] = DUMMY
+    masses = history_masses(scores, normalize, table).reshape(num_layers * num_heads, -1)
+    codes = np.array([t.code for t in table.history], np.int8)
+    types = codes[np.argmax(masses, axis=-1)]  # argmax takes the first maximum: table order on ties
+    # A dummy head loses what its best history type would have kept; the current chunk's mass is kept either way.
+    cost = masses.max(axis=-1)
+    if num_dummy:
+        types[np.argsort(cost, kind="stable")[:num_dummy]] = table.dummy.code
     return types.reshape(num_layers, num_heads)

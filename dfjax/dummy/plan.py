@@ -1,9 +1,9 @@
-"""The head plan: which head of which layer is sink, neighbour or dummy, and its calibration profile file.
+"""The head plan: the type of every head of every layer, with the head table it refers to, and its profile file.
 
-A HeadPlan is frozen and hashable, so it can be a static argument of jit: everything it shapes
-(head permutations, per-group cache sizes) is fixed at compile time. Its scores and DHP
-normalisation are provenance only: they are saved in the profile but do not take part in
-equality or hashing, so two plans with the same head types compile to the same program.
+A HeadPlan is frozen and hashable, so it can be a static argument of jit: everything it shapes (head
+permutations, per-group cache sizes) is fixed at compile time. Its scores and DHP normalisation are provenance
+only: they are saved in the profile but do not take part in equality or hashing, so two plans with the same head
+types compile to the same program.
 """
 
 from __future__ import annotations
@@ -12,56 +12,47 @@ import dataclasses
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from dfjax.dummy.dhp import DUMMY, NEIGHBOUR, SINK, solve_dhp
+from dfjax.dummy.dhp import Normalize, solve_dhp
+from dfjax.dummy.heads import DUMMY, NEIGHBOUR, HeadTable, HeadType, standard_table
 
 PROFILE_FORMAT = "dfjax.dummy_forcing.head_plan"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # version 1 had no head table: its local_context_length / packed_dummy name a standard one
 _PROFILE_KEYS = {
-    "format", "version", "num_layers", "num_heads", "num_dummy", "local_context_length",
-    "packed_dummy", "normalize", "head_types", "scores",
+    1: {"format", "version", "num_layers", "num_heads", "num_dummy", "local_context_length", "packed_dummy",
+        "normalize", "head_types", "scores"},
+    2: {"format", "version", "num_layers", "num_heads", "num_dummy", "head_table", "normalize", "head_types",
+        "scores"},
 }
+_TYPE_KEYS = {f.name for f in dataclasses.fields(HeadType)}
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadPlan:
-    """Per layer, per original head, a HeadType code (SINK=0, NEIGHBOUR=1, DUMMY=2).
-
-    local_context_length: chunks of history kept by neighbour heads (besides the current chunk).
-    packed_dummy: True = release (PAF): dummy heads keep the newest clean latent frame, so they
-    share one attention call with the sink heads; False = paper: dummy heads see the current
-    chunk only.
-    """
+    """Per layer, per original head, a code of `table` (the standard table: SINK=0, NEIGHBOUR=1, DUMMY=2)."""
 
     head_types: tuple[tuple[int, ...], ...]
-    local_context_length: int = 1
-    packed_dummy: bool = True
+    table: HeadTable = standard_table()
     # Provenance, saved in the profile; not compared or hashed (see the module docstring).
     scores: tuple[tuple[tuple[float, float, float], ...], ...] | None = dataclasses.field(
         default=None, compare=False, repr=False
     )
-    normalize: Literal["release", "none"] | None = dataclasses.field(default=None, compare=False)
+    normalize: Normalize | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         # Accept numpy arrays / lists and store plain int tuples, so the plan hashes and serialises.
         types = np.asarray(self.head_types)
         if types.ndim != 2 or types.size == 0:
             raise ValueError(f"head_types must be [num_layers, num_heads] and non-empty, got shape {types.shape}")
-        if not np.isin(types, [SINK, NEIGHBOUR, DUMMY]).all():
-            raise ValueError(f"head_types codes must be SINK=0, NEIGHBOUR=1 or DUMMY=2, got {sorted(set(types.ravel().tolist()))}")
+        if not isinstance(self.table, HeadTable):
+            raise ValueError(f"table must be a HeadTable, got {type(self.table).__name__}")
+        if not np.isin(types, self.table.codes).all():
+            raise ValueError(f"head_types codes must be those of the head table {self.table.codes}, got "
+                             f"{sorted(set(types.ravel().tolist()))}")
         object.__setattr__(self, "head_types", tuple(tuple(int(t) for t in row) for row in types))
-        if isinstance(self.local_context_length, bool) or not isinstance(self.local_context_length, (int, np.integer)):
-            raise ValueError(f"local_context_length must be an int, got {self.local_context_length!r}")
-        if self.local_context_length < 0:
-            raise ValueError(
-                f"local_context_length must be >= 0 (chunks kept by neighbour heads; the release uses 1), "
-                f"got {self.local_context_length}"
-            )
-        object.__setattr__(self, "local_context_length", int(self.local_context_length))
-        object.__setattr__(self, "packed_dummy", bool(self.packed_dummy))
         if self.scores is not None:
             scores = np.asarray(self.scores, dtype=np.float64)
             if scores.shape != types.shape + (3,):
@@ -73,29 +64,18 @@ class HeadPlan:
     # ---- constructors ----
 
     @classmethod
-    def from_scores(
-        cls,
-        scores: np.ndarray,
-        num_dummy: int,
-        normalize: Literal["release", "none"] = "release",
-        local_context_length: int = 1,
-        packed_dummy: bool = True,
-    ) -> HeadPlan:
+    def from_scores(cls, scores: np.ndarray, num_dummy: int, normalize: Normalize = "release",
+                    table: HeadTable | None = None) -> HeadPlan:
         """Solve DHP on scores [num_layers, num_heads, 3] and keep the scores as provenance."""
-        types = solve_dhp(scores, num_dummy, normalize)
-        return cls(types, local_context_length, packed_dummy, scores=np.asarray(scores), normalize=normalize)
+        table = table or standard_table()
+        types = solve_dhp(scores, num_dummy, normalize, table)
+        return cls(types, table, scores=np.asarray(scores), normalize=normalize)
 
     @classmethod
-    def uniform(
-        cls,
-        num_layers: int,
-        num_heads: int,
-        head_type: int = NEIGHBOUR,
-        local_context_length: int = 1,
-        packed_dummy: bool = True,
-    ) -> HeadPlan:
-        """Every head of the same type (all NEIGHBOUR: a baseline-like local-window plan)."""
-        return cls(np.full((num_layers, num_heads), int(head_type)), local_context_length, packed_dummy)
+    def uniform(cls, num_layers: int, num_heads: int, head_type: int = NEIGHBOUR,
+                table: HeadTable | None = None) -> HeadPlan:
+        """Every head of one type (all NEIGHBOUR: a baseline-like local-window plan)."""
+        return cls(np.full((num_layers, num_heads), int(head_type)), table or standard_table())
 
     # ---- shape and groups ----
 
@@ -109,21 +89,17 @@ class HeadPlan:
 
     @property
     def num_dummy(self) -> int:
-        """Dummy heads over all layers (derived from head_types, so it cannot disagree with them)."""
-        return sum(row.count(DUMMY) for row in self.head_types)
+        """Heads of the table's dummy type over all layers (derived from head_types, so it cannot disagree)."""
+        dummy = self.table.dummy
+        return 0 if dummy is None else sum(row.count(dummy.code) for row in self.head_types)
 
     @cached_property
     def permutation(self) -> tuple[tuple[int, ...], ...]:
-        """Per layer, original head indices ordered [sink heads, dummy heads, neighbour heads].
-
-        Each group in ascending original order. Sink and dummy heads are adjacent because under
-        PAF both keep one frame + the current chunk and run in one attention call.
-        Permuted head j of layer l is original head permutation[l][j].
-        """
-        return tuple(
-            tuple(h for kind in (SINK, DUMMY, NEIGHBOUR) for h, t in enumerate(row) if t == kind)
-            for row in self.head_types
-        )
+        """Per layer, original head indices in the table's order (HeadTable.order: cache group by cache group),
+        each type's heads in ascending original order. Permuted head j of layer l is original head
+        permutation[l][j]."""
+        order = [t.code for t in self.table.order]
+        return tuple(tuple(h for code in order for h, t in enumerate(row) if t == code) for row in self.head_types)
 
     @cached_property
     def inverse_permutation(self) -> tuple[tuple[int, ...], ...]:
@@ -137,9 +113,10 @@ class HeadPlan:
         return tuple(inverse)
 
     @cached_property
-    def group_sizes(self) -> tuple[tuple[int, int, int], ...]:
-        """Per layer (n_sink, n_dummy, n_neighbour), in permutation order; any of them may be 0."""
-        return tuple((row.count(SINK), row.count(DUMMY), row.count(NEIGHBOUR)) for row in self.head_types)
+    def group_sizes(self) -> tuple[tuple[int, ...], ...]:
+        """Per layer, the head count of each type in the table's order (HeadTable.order); any may be 0. For the
+        standard table: (n_sink, n_dummy, n_neighbour)."""
+        return tuple(tuple(row.count(t.code) for t in self.table.order) for row in self.head_types)
 
     def head_type_array(self) -> np.ndarray:
         """head_types as int8 [num_layers, num_heads]."""
@@ -147,7 +124,8 @@ class HeadPlan:
 
     def dummy_heads(self) -> frozenset[tuple[int, int]]:
         """{(layer, head)} of every dummy head."""
-        return frozenset((l, h) for l, row in enumerate(self.head_types) for h, t in enumerate(row) if t == DUMMY)
+        code = DUMMY if self.table.dummy is None else self.table.dummy.code
+        return frozenset((l, h) for l, row in enumerate(self.head_types) for h, t in enumerate(row) if t == code)
 
     def validate(self, num_layers: int, num_heads: int) -> None:
         """Raise if the plan was made for a model of another shape."""
@@ -156,6 +134,18 @@ class HeadPlan:
                 f"profile made for a model with {self.num_layers} layers x {self.num_heads} heads, "
                 f"this model has {num_layers} layers x {num_heads} heads; calibrate a profile for this model"
             )
+
+    def describe(self) -> str:
+        """One line: how many heads of each type, and what each type sees besides the current chunk."""
+        count = lambda t: sum(row.count(t.code) for row in self.head_types)
+
+        def sees(t):
+            parts = [f"{t.first_frames} first frame(s)"] if t.first_frames else []
+            parts += [f"the newest {t.newest_frames} frame(s)"] if t.newest_frames else []
+            parts += [f"{t.history_chunks} earlier chunk(s)"] if t.history_chunks else []
+            return " + ".join(parts) or "nothing earlier"
+
+        return "; ".join(f"{count(t)} {t.name} ({sees(t)})" for t in self.table.types)
 
     # ---- calibration profile (JSON) ----
 
@@ -167,8 +157,7 @@ class HeadPlan:
                 "num_layers": self.num_layers,
                 "num_heads": self.num_heads,
                 "num_dummy": self.num_dummy,
-                "local_context_length": self.local_context_length,
-                "packed_dummy": self.packed_dummy,
+                "head_table": [dataclasses.asdict(t) for t in self.table.types],
                 "normalize": self.normalize,
                 "head_types": [list(row) for row in self.head_types],
                 "scores": None if self.scores is None else [[list(h) for h in layer] for layer in self.scores],
@@ -183,23 +172,18 @@ class HeadPlan:
             raise ValueError(f"not a head plan profile: invalid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"not a head plan profile: expected format {PROFILE_FORMAT!r}")
-        if data.get("version") != PROFILE_VERSION:
-            raise ValueError(f"head plan profile version {data.get('version')!r} is not supported (expected {PROFILE_VERSION})")
-        if set(data) != _PROFILE_KEYS:
+        version = data.get("version")
+        if version not in _PROFILE_KEYS:
+            raise ValueError(f"head plan profile version {version!r} is not supported (expected one of "
+                             f"{sorted(_PROFILE_KEYS)})")
+        keys = _PROFILE_KEYS[version]
+        if set(data) != keys:
             raise ValueError(
-                f"malformed head plan profile: missing keys {sorted(_PROFILE_KEYS - set(data))}, "
-                f"unknown keys {sorted(set(data) - _PROFILE_KEYS)}"
+                f"malformed head plan profile: missing keys {sorted(keys - set(data))}, "
+                f"unknown keys {sorted(set(data) - keys)}"
             )
-        if not isinstance(data["packed_dummy"], bool):
-            raise ValueError(f"malformed head plan profile: packed_dummy must be true or false, got {data['packed_dummy']!r}")
         try:
-            plan = cls(
-                data["head_types"],
-                data["local_context_length"],
-                data["packed_dummy"],
-                scores=data["scores"],
-                normalize=data["normalize"],
-            )
+            plan = cls(data["head_types"], _table_of(data), scores=data["scores"], normalize=data["normalize"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed head plan profile: {e}") from None
         declared = (data["num_layers"], data["num_heads"], data["num_dummy"])
@@ -221,6 +205,17 @@ class HeadPlan:
             raise ValueError(f"{path}: {e}") from None
 
 
+def _table_of(data: dict) -> HeadTable:
+    if data["version"] == 1:
+        if not isinstance(data["packed_dummy"], bool):
+            raise ValueError(f"packed_dummy must be true or false, got {data['packed_dummy']!r}")
+        return standard_table(data["local_context_length"], data["packed_dummy"])
+    rows = data["head_table"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and set(r) == _TYPE_KEYS for r in rows):
+        raise ValueError(f"head_table must be a list of objects with the keys {sorted(_TYPE_KEYS)}")
+    return HeadTable(tuple(HeadType(**r) for r in rows))
+
+
 def aggregate_profiles(score_sets: Sequence[np.ndarray]) -> np.ndarray:
     """Mean of per-prompt scores [num_layers, num_heads, 3]: a calibration over a prompt set."""
     if len(score_sets) == 0:
@@ -237,4 +232,3 @@ def dummy_overlap(plan_a: HeadPlan, plan_b: HeadPlan) -> float:
     a, b = plan_a.dummy_heads(), plan_b.dummy_heads()
     union = a | b
     return len(a & b) / len(union) if union else 1.0
-

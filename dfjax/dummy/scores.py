@@ -1,8 +1,8 @@
 """Frame attention scores: how much of each head's softmax mass falls on sink, neighbour and current keys.
 
 Measured once per video, in the clean cache-refresh forward (t = 0) of AR step ar_start, on batch
-element 0, over a seeded sample of the chunk's query rows (reference.md section 3). The result feeds
-the DHP solver (dfjax/dummy/dhp.py).
+element 0, over a seeded sample of the chunk's query rows (docs/dummy-forcing.md). The result feeds
+the DHP solver (dfjax/dummy/dhp.py). ScoreProbe is the hook through which the DiT measures them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from typing import Literal, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dfjax.cache import AttentionLayout
+from dfjax.dummy.heads import SCORE_COLUMNS
 
 
 def frame_attention_scores(
@@ -34,7 +37,7 @@ def frame_attention_scores(
     Groups: sink = keys [0, sink_tokens), current = [kv_len - current_tokens, kv_len), neighbour =
     the valid keys between. They must not overlap: sink_tokens + current_tokens <= kv_len (checked
     when kv_len is a Python int). rows: int32 indices into Lq (a sample, repeats allowed) or None for
-    all rows. Batch element 0 only. Returns float32 [H, 3].
+    all rows. Batch element 0 only. Returns float32 [H, 3] (the SCORE_COLUMNS).
 
     Rows are processed block_rows at a time, so the largest intermediate is [H, block_rows, Lk].
     """
@@ -71,7 +74,7 @@ def frame_attention_scores(
     sink = key_index < sink_tokens
     current = key_index >= kv_len - current_tokens
     neighbour = ~sink & ~current
-    group_of_key = jnp.stack([sink, neighbour, current], axis=-1).astype(jnp.float32)  # [Lk, 3]
+    group_of_key = jnp.stack([sink, neighbour, current], axis=-1).astype(jnp.float32)  # [Lk, SCORE_COLUMNS]
 
     q0, k0 = jnp.asarray(q[0]), jnp.asarray(k[0])
     scale = 1.0 / math.sqrt(head_dim)
@@ -135,3 +138,47 @@ class QueryRowSampling:
         """The row indices for frame_attention_scores (None = exact)."""
         count = self.num_rows(num_query_tokens, tokens_per_frame)
         return None if count is None else sample_query_rows(num_query_tokens, count, seed)
+
+
+@dataclass(frozen=True)
+class ScoreProbe:
+    """The DiT hook (dfjax.model.transformer.ChunkCall.probe) that measures the frame attention scores.
+
+    Called in every self-attention layer with the chunk's queries and the layer's caches after the chunk's K/V
+    were written; `layout` is the warm-up layout (one group per layer) and `chunk` the scored chunk. It scores
+    only the cache-refresh forward of that chunk (zeros elsewhere, so the forwards of a chunk can add their
+    outputs up). Traced input (ChunkStep.probe): the sampled query rows [layers, R] int32, or None for all rows.
+    """
+
+    layout: AttentionLayout
+    chunk: int
+
+    def __post_init__(self):
+        if any(len(layer) != 1 for layer in self.layout.layers):
+            raise ValueError("frame attention scores are measured on a layout of one head group per layer.")
+
+    def key_order(self) -> np.ndarray:
+        """Token indices into a layer's cache that list the keys of the scored chunk in frame order
+        [frame 0 ; neighbour frames ; chunk frames], so that the scores can slice sink / neighbour / current."""
+        g = self.layout.layers[0][0]
+        tpf, cf = self.layout.tokens_per_frame, self.layout.chunk_frames
+        end = (self.chunk + 1) * cf
+        frames = [0] + [f for f in range(1, end) if g.holds(f, end)]
+        slots = [g.static_slot(f) for f in frames]
+        return np.concatenate([np.arange(s * tpf, (s + 1) * tpf) for s in slots]).astype(np.int32)
+
+    def zeros(self, num_layers: int, num_heads: int) -> jax.Array:
+        """The stacked output of the layers when nothing was scored."""
+        return jnp.zeros((num_layers, num_heads, len(SCORE_COLUMNS)), jnp.float32)
+
+    def __call__(self, layer: int, q, groups, step) -> jax.Array:
+        order = self.key_order()
+        tpf, cf = self.layout.tokens_per_frame, self.layout.chunk_frames
+        rows = None if step.probe is None else step.probe[layer]
+
+        def score():
+            keys = groups[0].k[:, order]
+            return frame_attention_scores(q, keys, len(order), tpf, q.shape[1], rows)
+
+        now = step.is_refresh & (step.frame_start == self.chunk * cf)
+        return jax.lax.cond(now, score, lambda: jnp.zeros((q.shape[2], len(SCORE_COLUMNS)), jnp.float32))

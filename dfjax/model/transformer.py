@@ -1,9 +1,14 @@
-"""The causal, KV-cached Wan2.1 text-to-video DiT in Flax NNX (reference.md §1).
+"""The causal, KV-cached Wan2.1 text-to-video DiT in Flax NNX (docs/model.md).
 
 Latents are channels-last [B, F, H, W, C]. One call denoises one chunk of latent frames: it writes
 the chunk's self-attention K/V into the cache (dfjax.cache) and attends to everything the cache's
 layout keeps. With an empty global cache and frame_start=0, a call is the ordinary bidirectional
 forward of the whole clip. Each latent frame carries its own timestep.
+
+A call is described by a ChunkCall (static: the attention kernel, and an optional probe, a hook that
+sees every self-attention layer's queries and caches: Dummy Forcing's frame attention scores) and a
+ChunkStep (traced: where the chunk starts, whether this is the cache-refresh forward, the probe's
+inputs). The model knows no algorithm beyond the cache layout it is given.
 
 Parameter dtypes: linear weights in `param_dtype`; norm weights, modulation tables and the time
 embedding in `norm_dtype` (fp32). The residual stream stays fp32; matmuls run in `dtype`.
@@ -11,17 +16,47 @@ embedding in `norm_dtype` (fp32). The residual stream stays fp32; matmuls run in
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dfjax.cache import AttentionLayout, refresh_packed, write_chunk
+from dfjax.cache import KVCache
 from dfjax.config import WanConfig, dtype_of
-from dfjax.dummy.scores import frame_attention_scores
-from dfjax.model.rope import RopeTables, apply_rope, rope_cos_sin
 from dfjax.kernels.attention import attention, grouped_attention
+from dfjax.model.rope import RopeTables, apply_rope, rope_cos_sin
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkCall:
+    """What a DiT call does besides its math, fixed when it is traced (hashable: a static argument).
+
+    impl: the attention kernel (a name of dfjax.kernels.attention.KERNELS, or "auto").
+    probe: None, or a hook called in every self-attention layer after the chunk's K/V are written:
+      probe(layer, q [B, L, H, D], groups (the layer's GroupKV), step) -> an array; the call returns the layers'
+      outputs stacked, and probe.zeros(num_layers, num_heads) is that stack when nothing was probed.
+    """
+
+    impl: str = "auto"
+    probe: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChunkStep:
+    """The traced values of one DiT call."""
+
+    frame_start: jax.Array  # the chunk's first absolute latent frame (RoPE position, cache slots)
+    is_refresh: jax.Array  # the cache-refresh forward (t = context noise): newest-frame slots are replaced after it
+    probe: Any = None  # the probe's inputs
+
+    @classmethod
+    def at(cls, frame_start, is_refresh=False, probe=None) -> "ChunkStep":
+        return cls(jnp.asarray(frame_start, jnp.int32), jnp.asarray(is_refresh), probe)
 
 
 def gelu_tanh(x):
@@ -100,35 +135,18 @@ class SelfAttention(Attention):
         v = heads(self.v(x))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, layer_cache, layer_layout, frame_start, is_refresh, tokens_per_frame, impl,
-                 score_order=None, score_rows=None, score_now=None):
+    def __call__(self, x, rope, groups, call: ChunkCall, step: ChunkStep, layer: int):
+        """x [B, L, dim]; rope (cos, sin); groups: this layer's GroupKV. -> (out, groups, probe output or None)."""
         b, l, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin)
-        num_frames = l // tokens_per_frame
-        groups, h0 = [], 0
-        for (ck, cv), g in zip(layer_cache, layer_layout):
-            sl = slice(h0, h0 + g.num_heads)
-            h0 += g.num_heads
-            ck = write_chunk(ck, k[:, :, sl], frame_start, g, tokens_per_frame)
-            cv = write_chunk(cv, v[:, :, sl], frame_start, g, tokens_per_frame)
-            kv_len = (g.valid_frames(frame_start + num_frames) * tokens_per_frame).astype(jnp.int32)
-            groups.append((ck, cv, kv_len))
-        out = grouped_attention(q, tuple(groups), impl=impl)
-        scores = None
-        if score_order is not None:  # Dummy Forcing's frame attention scores, keys in frame order
-            def score():
-                keys = groups[0][0][:, score_order]
-                return frame_attention_scores(q, keys, len(score_order), tokens_per_frame, l, score_rows)
-
-            no_score = lambda: jnp.zeros((self.cfg.num_heads, 3), jnp.float32)
-            scores = score() if score_now is None else jax.lax.cond(score_now, score, no_score)
-        new_cache, h0 = [], 0
-        for (ck, cv, _), g in zip(groups, layer_layout):
-            sl = slice(h0, h0 + g.num_heads)
-            h0 += g.num_heads
-            new_cache.append((refresh_packed(ck, k[:, :, sl], is_refresh, g, tokens_per_frame),
-                              refresh_packed(cv, v[:, :, sl], is_refresh, g, tokens_per_frame)))
-        return self.o(out.reshape(b, l, -1)), tuple(new_cache), scores
+        q, k, v = self.qkv(x, *rope)
+        starts = itertools.accumulate((g.num_heads for g in groups), initial=0)
+        heads = [slice(h0, h0 + g.num_heads) for h0, g in zip(starts, groups)]
+        groups = tuple(g.write(k[:, :, s], v[:, :, s], step.frame_start) for g, s in zip(groups, heads))
+        end = step.frame_start + l // groups[0].tokens_per_frame
+        out = grouped_attention(q, tuple((g.k, g.v, g.valid_tokens(end)) for g in groups), impl=call.impl)
+        probed = None if call.probe is None else call.probe(layer, q, groups, step)
+        groups = tuple(g.keep_newest(k[:, :, s], v[:, :, s], step.is_refresh) for g, s in zip(groups, heads))
+        return self.o(out.reshape(b, l, -1)), groups, probed
 
 
 class CrossAttention(Attention):
@@ -159,8 +177,7 @@ class Block(nnx.Module):
         self.ffn_in = Linear(cfg.dim, cfg.ffn_dim, cfg, rngs)
         self.ffn_out = Linear(cfg.ffn_dim, cfg.dim, cfg, rngs)
 
-    def __call__(self, x, e0, text_kv, cos, sin, layer_cache, layer_layout, frame_start, is_refresh,
-                 tokens_per_frame, impl, score_order=None, score_rows=None, score_now=None):
+    def __call__(self, x, e0, text_kv, rope, groups, call: ChunkCall, step: ChunkStep, layer: int):
         """x [B, L, dim] fp32 residual stream; e0 [B, F, 6, dim] per-frame modulation."""
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         b, l, d = x.shape
@@ -170,17 +187,16 @@ class Block(nnx.Module):
         modulate = lambda y, shift, scale: (per_frame(y) * (1 + e[:, :, scale, None]) + e[:, :, shift, None])
 
         h = modulate(layer_norm(x, cfg.eps), 0, 1).reshape(b, l, d).astype(dt)
-        y, layer_cache, scores = self.self_attn(h, cos, sin, layer_cache, layer_layout, frame_start, is_refresh,
-                                                tokens_per_frame, impl, score_order, score_rows, score_now)
+        y, groups, probed = self.self_attn(h, rope, groups, call, step, layer)
         x = x + (per_frame(y.astype(jnp.float32)) * e[:, :, 2, None]).reshape(b, l, d)
 
         h = layer_norm(x, cfg.eps, self.norm3_weight[...], self.norm3_bias[...]).astype(dt)
-        x = x + self.cross_attn(h, text_kv, impl).astype(jnp.float32)
+        x = x + self.cross_attn(h, text_kv, call.impl).astype(jnp.float32)
 
         h = modulate(layer_norm(x, cfg.eps), 3, 4).reshape(b, l, d).astype(dt)
         y = self.ffn_out(gelu_tanh(self.ffn_in(h)))
         x = x + (per_frame(y.astype(jnp.float32)) * e[:, :, 5, None]).reshape(b, l, d)
-        return x, layer_cache, scores
+        return x, groups, probed
 
 
 class WanDiT(nnx.Module):
@@ -231,37 +247,30 @@ class WanDiT(nnx.Module):
         return y.reshape(b, f, h, w, c)
 
     # -- forward ------------------------------------------------------------------------------------
-    def __call__(self, x, t, text_kv, cache, layout: AttentionLayout, rope: RopeTables, frame_start,
-                 is_refresh=False, impl="auto", score_order=None, score_rows=None, score_now=None):
-        """x [B, F, H, W, C], t [B, F] -> (flow [B, F, H, W, C] fp32, updated cache, scores).
-
-        With score_order (token indices of a single-group cache in [sink ; neighbour ; chunk] frame
-        order) the call also returns Dummy Forcing's frame attention scores [num_layers, H, 3] for
-        the query rows score_rows [num_layers, R] (None: all rows); otherwise scores is None. With
-        score_now (a traced bool) the scores are computed only where it is true, zeros elsewhere.
-        """
+    def __call__(self, x, t, text_kv, cache: KVCache, rope: RopeTables, step: ChunkStep,
+                 call: ChunkCall = ChunkCall()):
+        """x [B, F, H, W, C], t [B, F] -> (flow [B, F, H, W, C] fp32, updated cache, probe outputs or None)."""
         cfg = self.cfg
         b, f, h, w, _ = x.shape
         _, ph, pw = cfg.patch
-        tpf = (h // ph) * (w // pw)
-        if tpf != layout.tokens_per_frame:
-            raise ValueError(f"latent {h}x{w} gives {tpf} tokens per frame; the cache layout was made for "
-                             f"{layout.tokens_per_frame}.")
         if h % ph or w % pw:
             raise ValueError(f"latent size {h}x{w} is not a multiple of the patch {ph}x{pw}.")
-        cos, sin = rope_cos_sin(rope, frame_start, f, h // ph, w // pw)
+        tpf = (h // ph) * (w // pw)
+        if tpf != cache.layout.tokens_per_frame:
+            raise ValueError(f"latent {h}x{w} gives {tpf} tokens per frame; the cache layout was made for "
+                             f"{cache.layout.tokens_per_frame}.")
+        rope_cs = rope_cos_sin(rope, step.frame_start, f, h // ph, w // pw)
         e, e0 = self.time_embed(t)
         xs = self.patch_embedding(self.patchify(x)).astype(jnp.float32)
-        new_cache, scores = [], []
-        for i, (blk, kv, layer_cache, layer_layout) in enumerate(zip(self.blocks, text_kv, cache, layout.layers)):
-            rows = None if score_rows is None else score_rows[i]
+        new_layers, probed = [], []
+        for i, (blk, kv, groups) in enumerate(zip(self.blocks, text_kv, cache.layers)):
             with jax.named_scope("block"):
-                xs, layer_cache, s = blk(xs, e0, kv, cos, sin, layer_cache, layer_layout, frame_start,
-                                         is_refresh, tpf, impl, score_order, rows, score_now)
-            new_cache.append(layer_cache)
-            scores.append(s)
+                xs, groups, p = blk(xs, e0, kv, rope_cs, groups, call, step, i)
+            new_layers.append(groups)
+            probed.append(p)
         mod = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]  # [B, F, 2, dim]
         hs = layer_norm(xs, cfg.eps).reshape(b, f, tpf, cfg.dim) * (1 + mod[:, :, 1, None]) + mod[:, :, 0, None]
         out = self.head(hs.reshape(b, f * tpf, cfg.dim).astype(dtype_of(cfg.dtype)))
-        scores = None if score_order is None else jnp.stack(scores)
-        return self.unpatchify(out.astype(jnp.float32), f, h, w), tuple(new_cache), scores
+        probed = None if call.probe is None else jnp.stack(probed)
+        cache = dataclasses.replace(cache, layers=tuple(new_layers))
+        return self.unpatchify(out.astype(jnp.float32), f, h, w), cache, probed

@@ -22,20 +22,9 @@ from dfjax.model.transformer import WanDiT
 from dfjax.model.vae import WanVAE, WanVAEConfig
 from dfjax.model_io import write_model_folder
 from dfjax.params import flat_state, to_numpy
+from dfjax.synthetic import DEMO_DEFAULTS, DEMO_PROMPTS  # noqa: F401 (the demo's prompts and defaults)
 
 PACKAGED = Path(__file__).parent / "assets" / "demo"
-# prompts in the demo model's language (dfjax.synthetic.VOCABULARY: colours red, green, blue, yellow, white;
-# shapes square, circle, triangle; moves left/right/up/down, bounces, turns <dir>, leaves the frame, comes back,
-# "then a <colour> <shape> appears")
-DEMO_PROMPTS = [
-    "a red square moves left",
-    "a blue circle moves up, then bounces",
-    "a green triangle moves right, then a yellow circle appears",
-    "a white square moves down, leaves the frame, then comes back",
-    "a yellow triangle moves left, then turns up",
-]
-# generation defaults stored with the demo model: 64x64, 33 frames (9 latent frames, 3 chunks)
-DEMO_DEFAULTS = {"height": 64, "width": 64, "frames": 33, "fps": 8}
 
 
 def is_trained(folder: Path) -> bool:

@@ -42,6 +42,19 @@ SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 SCENARIOS = ("bounce", "turn", "exit")
 
+# prompts in the demo model's language (dfjax.synthetic.VOCABULARY: colours red, green, blue, yellow, white;
+# shapes square, circle, triangle; moves left/right/up/down, bounces, turns <dir>, leaves the frame, comes back,
+# "then a <colour> <shape> appears")
+DEMO_PROMPTS = [
+    "a red square moves left",
+    "a blue circle moves up, then bounces",
+    "a green triangle moves right, then a yellow circle appears",
+    "a white square moves down, leaves the frame, then comes back",
+    "a yellow triangle moves left, then turns up",
+]
+# generation defaults stored with the demo model: 64x64, 33 frames (9 latent frames, 3 chunks)
+DEMO_DEFAULTS = {"height": 64, "width": 64, "frames": 33, "fps": 8}
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:

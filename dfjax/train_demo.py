@@ -49,7 +49,7 @@ from dfjax.model.text_encoder import UMT5Config, UMT5Encoder
 from dfjax.model.transformer import WanDiT, gelu_tanh, layer_norm
 from dfjax.model.vae import WanVAE, WanVAEConfig
 from dfjax.params import flat_state, to_numpy
-from dfjax.synthetic import BACKGROUND, SyntheticConfig, make_dataset, prompt_corpus
+from dfjax.synthetic import BACKGROUND, DEMO_DEFAULTS, DEMO_PROMPTS, SyntheticConfig, make_dataset, prompt_corpus
 
 # ---------------------------------------------------------------- sizes
 
@@ -620,7 +620,6 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
 
     tokenizer_dir: a tokenizer folder made before (by build_tokenizer with the same seed) instead of a new one.
     """
-    from dfjax.demo import DEMO_DEFAULTS
     from dfjax.text import load_tokenizer
 
     t_start = time.perf_counter()
@@ -805,7 +804,6 @@ def write_demo_media(folder: str | Path, out_dir: str | Path, prompts=None, seed
     from PIL import Image, ImageDraw
 
     from dfjax.config import VideoShape, config_from_dict
-    from dfjax.demo import DEMO_PROMPTS
     from dfjax.model.vae import decode
     from dfjax.model_io import read_config
     from dfjax.pipeline import Generator, RunConfig

@@ -190,3 +190,46 @@ def test_compiled_gpu_kernels(dtype):
     for impl in impls:
         run = jax.jit(functools.partial(attn.grouped_attention, impl=impl))
         _assert_close(run(q, groups), ref, dtype)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_every_consumer_resolves_its_kernel_through_the_registry(monkeypatch):
+    """The CLI offers the registry's names, and the Generator's placement, the stream runner and the dispatcher
+    itself resolve a name through resolve_impl (so a new kernel is one KERNELS entry)."""
+    from dfjax.cli import build_parser
+    from dfjax.config import WanConfig
+    from dfjax.sharding import Placement
+    from dfjax.stream import StreamRunner
+
+    parser = build_parser()
+    for command in ("generate", "calibrate"):
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        (action,) = [a for a in sub._actions if a.dest == "attn_impl"]
+        assert tuple(action.choices) == attn.IMPLS == ("auto", *attn.KERNELS)
+
+    seen = []
+    real = attn.resolve_impl
+    monkeypatch.setattr(attn, "resolve_impl", lambda impl, *a, **k: seen.append(impl) or real(impl, *a, **k))
+    assert Placement(None, WanConfig.tiny(), 1).attn_impl("auto", "float32") == "xla"
+    StreamRunner(None, None, 4, (1,), None, None, "auto", "float32", 3)
+    q, [(k, v)] = _inputs(9, jnp.float32, 8, [(2, 16)])
+    attn.attention(q, k, v, impl="xla")
+    assert seen == ["auto", "auto", "xla"]
+
+
+def test_registry_resolution_rules():
+    r = attn.resolve_impl
+    assert r("auto", jnp.bfloat16, platform="gpu") == attn.AUTO_GPU_IMPL
+    assert r("auto", jnp.float32, platform="gpu") == "pallas"  # cuDNN has no float32 flash attention
+    assert r("auto", jnp.bfloat16, platform="tpu") == "pallas"
+    assert r("auto", jnp.bfloat16, platform="gpu", partitioned=True) == "cudnn"  # GSPMD cannot split Pallas
+    assert r("auto", jnp.bfloat16, platform="tpu", partitioned=True) == "xla"
+    assert r("pallas", jnp.float32, platform="cpu", interpret=True) == "pallas"
+    with pytest.raises(ValueError, match="not partitioned across a mesh"):
+        r("pallas", jnp.bfloat16, platform="gpu", partitioned=True)
+    with pytest.raises(ValueError, match="bfloat16/float16 only"):
+        r("cudnn", jnp.float32, platform="gpu")
+    with pytest.raises(ValueError, match="needs one of \\('gpu',\\)"):
+        r("cudnn", jnp.bfloat16, platform="cpu")

@@ -129,3 +129,20 @@ def test_bad_frame_count_and_num_dummy_are_clear_errors():
     run = RunConfig(video=VIDEO, sampling=SAMPLING, dummy=DummyForcingConfig(ar_start=0))
     with pytest.raises(ValueError, match="ar_start=0 has none"):  # online scoring needs a chunk with history
         Generator(make_model(), run)
+
+
+def test_first_chunk_schedule_applies_to_chunk_zero_only():
+    """Causal Forcing++'s first-chunk schedule: chunk 0 is what a run with that schedule makes; the other chunks run
+    the ordinary schedule (another compiled step, since the step count differs)."""
+    model = make_model()
+    two = SamplingConfig(chunk_frames=2, denoising_steps=(1000.0, 500.0))
+    first = SamplingConfig(chunk_frames=2, first_chunk_denoising_steps=(1000.0, 500.0))
+    gen = Generator(model, RunConfig(video=VIDEO, sampling=first, attn_impl="xla"))
+    out = np.asarray(gen.generate(context(), seed=1))
+    ref_two = np.asarray(Generator(model, RunConfig(video=VIDEO, sampling=two, attn_impl="xla")).generate(context(), 1))
+    ref_four = np.asarray(Generator(model, RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla")).generate(
+        context(), seed=1))
+    np.testing.assert_allclose(out[:, :2], ref_two[:, :2], atol=1e-6, rtol=0)
+    assert not np.allclose(out[:, :2], ref_four[:, :2], atol=1e-3)
+    assert not np.allclose(out[:, 2:], ref_two[:, 2:], atol=1e-3)
+    assert gen.stats.trace_counts == {"step0": 1, "step1": 1}

@@ -37,19 +37,56 @@ def _flatten_nested(obj, prefix="") -> dict:
     return out
 
 
-def read_torch_file(path: str | Path) -> dict:
-    """A .pt/.pth/.bin file as a (possibly nested) dict of torch tensors, read with weights_only=True."""
-    import torch
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
+
+def is_torch_file(path: str | Path) -> bool:
+    """A file that only torch can read (a folder or a .safetensors file is read without it)."""
+    path = Path(path)
+    return path.is_file() and path.suffix != ".safetensors"
+
+
+def require_torch(path: str | Path):
+    """torch, or a one-line error that says which extra installs it."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # mmap needs the new zipfile format; old-format files load without it
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code: say so instead of a pickle trace
-        raise ConversionError(f"{path}: cannot be read as a weights-only torch file ({e}).") from e
+        import torch
+    except ImportError as e:
+        raise ConversionError(
+            f"{path} is a PyTorch file, and reading it needs torch, which is not installed here: "
+            "pip install 'dfjax[torch]' (the CPU wheel is enough)."
+        ) from e
+    return torch
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's run to several)."""
+    text = str(e).strip().splitlines()
+    return text[0].split(". ")[0].rstrip(".") if text else type(e).__name__
+
+
+def read_torch_file(path: str | Path) -> dict:
+    """A .pt/.pth/.bin file as a (possibly nested) dict of torch tensors, read with weights_only=True (tensors
+    memory-mapped where the file's format allows)."""
+    torch = require_torch(path)
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # mmap needs the zipfile format of torch >= 1.6; older files load without it
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except RuntimeError as e:  # torch's zip reader: a truncated or damaged file
+        raise ConversionError(f"{path}: the file is truncated or damaged ({_first_line(e)}); download or copy it "
+                              "again.") from e
+    except Exception as e:  # weights_only refuses pickled code, a non-torch file fails to unpickle
+        raise ConversionError(f"{path}: cannot be read as a weights-only torch file ({_first_line(e)}).") from e
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict of tensors, found {type(obj).__name__}.")
     return dict(obj)
+
+
+def is_tensor(v) -> bool:
+    return hasattr(v, "shape") and hasattr(v, "dtype") and not isinstance(v, (int, float, str, bytes))
 
 
 class LazyTensor:
@@ -76,24 +113,30 @@ def _safetensors_tensor(path: Path, key: str):
 
 
 def read_safetensors(paths: list[Path]) -> dict[str, LazyTensor]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     for p in paths:
-        with safe_open(str(p), framework="pt") as f:
-            for k in f.keys():
-                if k in out:
-                    raise ConversionError(f"key {k} appears in more than one file ({p}).")
-                out[k] = LazyTensor(functools.partial(_safetensors_tensor, p, k), f.get_slice(k).get_shape())
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                for k in f.keys():
+                    if k in out:
+                        raise ConversionError(f"key {k} appears in more than one file ({p}).")
+                    out[k] = LazyTensor(functools.partial(_safetensors_tensor, p, k), f.get_slice(k).get_shape())
+        except SafetensorError as e:  # the header is read now, so a damaged file fails before any conversion
+            raise ConversionError(f"{p}: not a valid .safetensors file ({_first_line(e)}); it is truncated, damaged "
+                                  "or another kind of file: download or copy it again.") from e
     return out
 
 
-def read_state_dict(src: str | Path, subkey: str | None = None) -> dict[str, LazyTensor]:
+def read_state_dict(src: str | Path, subkey: str | None = None, notes: list[str] | None = None,
+                    top: Mapping | None = None) -> dict[str, LazyTensor]:
     """Reads a checkpoint file or folder (safetensors shards or one torch file) into {key: LazyTensor}: the keys and
     shapes now, each tensor when it is converted (torch files are memory-mapped where their format allows).
 
     `subkey` picks a top-level entry of a torch file (e.g. "generator_ema"); its absence is an error
-    that lists what the file has.
+    that lists what the file has. Entries that are not tensors (a training step, optimizer settings) are
+    left out, with a line in `notes` when one is given. `top`: the torch file's dict, if already read.
     """
     src = Path(src)
     if not src.exists():
@@ -105,14 +148,20 @@ def read_state_dict(src: str | Path, subkey: str | None = None) -> dict[str, Laz
         return read_safetensors(shards)
     if src.suffix == ".safetensors":
         return read_safetensors([src])
-    obj = read_torch_file(src)
+    obj = read_torch_file(src) if top is None else top
     if subkey is not None:
         if subkey not in obj:
             raise ConversionError(f"{src}: has no entry '{subkey}' (top-level entries: {sorted(obj)[:10]}).")
         obj = obj[subkey]
         if not isinstance(obj, Mapping):
             raise ConversionError(f"{src}: entry '{subkey}' is not a dict of tensors.")
-    return {k: LazyTensor(lambda v=v: v, v.shape) for k, v in _flatten_nested(obj).items()}
+    flat = _flatten_nested(obj)
+    skipped = sorted(k for k, v in flat.items() if not is_tensor(v))
+    if skipped and notes is not None:
+        notes.append(f"{src.name}: ignored {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that "
+                     f"{'is' if len(skipped) == 1 else 'are'} not tensors: {', '.join(skipped[:5])}"
+                     f"{', ...' if len(skipped) > 5 else ''}")
+    return {k: LazyTensor(lambda v=v: v, v.shape) for k, v in flat.items() if is_tensor(v)}
 
 
 def strip_prefixes(sd: dict, prefixes: tuple[str, ...]) -> dict:

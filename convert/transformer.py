@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from dfjax.convert.common import ConversionError, Rule, apply_key_map, linear, read_state_dict, read_torch_file, strip_prefixes
+from dfjax.convert.common import (ConversionError, Rule, apply_key_map, linear, read_state_dict, read_torch_file,
+                                  strip_prefixes)
 from dfjax.config import WanConfig
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-LEADING_PREFIXES = ("model.diffusion_model.", "model.")
+LEADING_PREFIXES = ("model.diffusion_model.", "model.", "module.")
 
 
 def patch_embedding(w: np.ndarray) -> np.ndarray:
@@ -99,8 +101,13 @@ def detect_format(sd: dict) -> str:
     )
 
 
-def infer_config(sd: dict, fmt: str, num_heads: int | None = None, **overrides) -> WanConfig:
-    """The model size read off the weight shapes. Heads are not visible in shapes: Wan uses head_dim 128."""
+SIZE_KEYS = ("dim", "num_layers", "ffn_dim", "freq_dim", "text_dim", "in_channels", "out_channels", "patch")
+# Wan2.1's released widths; heads are not visible in the weights' shapes
+KNOWN_HEADS = {1536: (12, "Wan2.1 1.3B"), 5120: (40, "Wan2.1 14B")}
+
+
+def infer_sizes(sd: dict, fmt: str) -> dict:
+    """The model's sizes read off the weight shapes (everything WanConfig needs but the head count)."""
     names = {
         "wan": ("text_embedding.0.weight", "time_embedding.0.weight", "blocks.0.ffn.0.weight", "head.head.weight"),
         "diffusers": ("condition_embedder.text_embedder.linear_1.weight", "condition_embedder.time_embedder.linear_1.weight",
@@ -110,99 +117,281 @@ def infer_config(sd: dict, fmt: str, num_heads: int | None = None, **overrides) 
         if n not in sd:
             raise ConversionError(f"cannot infer the model size: key '{n}' is missing.")
     pe = sd["patch_embedding.weight"]
+    if len(pe.shape) != 5:
+        raise ConversionError(f"'patch_embedding.weight' has shape {tuple(pe.shape)}; a Wan2.1 DiT's is 5-dimensional.")
     dim, cin, pt, ph, pw = pe.shape
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    heads = num_heads or (dim // 128 if dim % 128 == 0 else None)
+    return dict(dim=int(dim), num_layers=layers, ffn_dim=int(sd[names[2]].shape[0]), freq_dim=int(sd[names[1]].shape[1]),
+                text_dim=int(sd[names[0]].shape[1]), in_channels=int(cin),
+                out_channels=int(sd[names[3]].shape[0] // (pt * ph * pw)), patch=(int(pt), int(ph), int(pw)))
+
+
+def check_sizes(sizes: dict, given: WanConfig, name: str) -> None:
+    """Refuses a --config whose sizes differ from the weights', naming each size that differs."""
+    diff = [f"{k} {sizes[k]} vs {getattr(given, k)}" for k in SIZE_KEYS
+            if tuple(np.atleast_1d(sizes[k])) != tuple(np.atleast_1d(getattr(given, k)))]
+    if diff:
+        raise ConversionError(f"the checkpoint does not match the given config --config {name}: the sizes disagree "
+                              f"(weights vs config: {', '.join(diff)}).")
+
+
+def source_heads(src: str | Path, dim: int) -> tuple[int | None, str, list[str]]:
+    """(heads, where from, notes) from a config the source ships: a diffusers folder's config.json, or the
+    config.json / <name>.json beside a checkpoint file (Wan2.1's releases ship one). A config that describes
+    another width is not used (a note says so)."""
+    src = Path(src)
+    cands = [src / "config.json"] if src.is_dir() else [src.parent / "config.json", src.with_suffix(".json")]
+    notes = []
+    for c in cands:
+        if not c.is_file():
+            continue
+        try:
+            cfg = json.loads(c.read_text())
+        except ValueError as e:
+            raise ConversionError(f"{c} is damaged: not valid JSON ({e}); it may be truncated: download or copy it "
+                                  "again (or give --num-heads).") from e
+        if not isinstance(cfg, dict):
+            continue
+        heads = cfg.get("num_attention_heads", cfg.get("num_heads"))
+        if not isinstance(heads, int):
+            continue
+        width = cfg.get("dim", heads * cfg["attention_head_dim"] if isinstance(cfg.get("attention_head_dim"), int)
+                        else None)
+        if width is not None and width != dim:
+            notes.append(f"{c} describes a {width}-wide model, the weights are {dim} wide; not used for the head count")
+            continue
+        return heads, str(c), notes
+    return None, "", notes
+
+
+def resolve_heads(sizes: dict, src, num_heads: int | None, given: WanConfig | None, given_name: str | None):
+    """(heads, where from, notes): --num-heads, else --config, else a config beside the source, else Wan's known
+    widths; any other width is refused (a wrong guess runs, and is silently a few percent off)."""
+    dim = sizes["dim"]
+    notes: list[str] = []
+    if num_heads:
+        heads, origin = num_heads, "--num-heads"
+    elif given is not None:
+        heads, origin = given.num_heads, f"--config {given_name}"
+    else:
+        heads, origin, notes = source_heads(src, dim)
+        if heads is None and dim in KNOWN_HEADS:
+            heads, model = KNOWN_HEADS[dim]
+            origin = f"{model}'s width ({dim} = {heads} heads of 128)"
+        elif heads is None:
+            raise ConversionError(
+                f"cannot tell how many attention heads this {dim}-wide model has: no config.json came with it, and "
+                f"only Wan2.1's widths are known ({', '.join(f'{d} -> {h}' for d, (h, _) in KNOWN_HEADS.items())}); "
+                "give --num-heads.")
+    if given is not None and num_heads and given.num_heads != num_heads:
+        raise ConversionError(f"--num-heads {num_heads} disagrees with --config {given_name} ({given.num_heads} heads).")
+    if heads < 1 or dim % heads:
+        raise ConversionError(f"{heads} heads ({origin}) do not divide the model width {dim}.")
+    return heads, origin, notes
+
+
+def infer_config(sd: dict, fmt: str, num_heads: int | None = None, **overrides) -> WanConfig:
+    """The model read off the weight shapes; heads: `num_heads`, else Wan's known widths (resolve_heads)."""
+    sizes = infer_sizes(sd, fmt)
+    heads = num_heads or KNOWN_HEADS.get(sizes["dim"], (None,))[0]
     if heads is None:
-        raise ConversionError(f"dim {dim} is not a multiple of 128; give the number of heads (--num-heads).")
-    return WanConfig(
-        dim=dim, num_layers=layers, num_heads=heads, ffn_dim=sd[names[2]].shape[0], freq_dim=sd[names[1]].shape[1],
-        text_dim=sd[names[0]].shape[1], in_channels=cin, out_channels=sd[names[3]].shape[0] // (pt * ph * pw),
-        patch=(pt, ph, pw), **overrides,
-    )
+        raise ConversionError(f"cannot tell how many attention heads this {sizes['dim']}-wide model has; give "
+                              "--num-heads.")
+    return WanConfig(**sizes, num_heads=heads, **overrides)
 
 
 def check_config(inferred: WanConfig, given: WanConfig) -> None:
-    """Refuses a --config whose sizes differ from the weights'."""
-    keys = ("dim", "num_layers", "num_heads", "ffn_dim", "freq_dim", "text_dim", "in_channels", "out_channels", "patch")
-    diff = [f"{k}: weights {getattr(inferred, k)} vs config {getattr(given, k)}" for k in keys
-            if getattr(inferred, k) != getattr(given, k)]
-    if diff:
-        raise ConversionError("the checkpoint does not match the given config (" + "; ".join(diff) + ").")
+    """Refuses a --config whose sizes (or heads) differ from the weights'."""
+    check_sizes({k: getattr(inferred, k) for k in SIZE_KEYS}, given, "")
+    if inferred.num_heads != given.num_heads:
+        raise ConversionError(f"the checkpoint does not match the given config: {inferred.num_heads} heads vs "
+                              f"{given.num_heads}.")
 
 
-def merge_lora(sd: dict, lora: dict, alpha: float | None = None) -> dict:
-    """W += (alpha / r) B @ A for every LoRA pair; keys '<module>.lora_A.weight' [r, in] / 'lora_B' [out, r].
+# ---------------------------------------------------------------- LoRA
 
-    PEFT's 'base_model.model.' and '.default' name parts are accepted. alpha defaults to r (scale 1).
-    """
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+KNOWN_LORA_ALPHA = {256: "LongLive's release config (adapter rank 256, alpha 256)"}
+
+
+class MergedTensor:
+    """W + scale * B @ A, computed in float64 when converted (like LazyTensor, nothing is read before), then
+    rounded once to float32."""
+
+    def __init__(self, w, a, b, scale: float):
+        self.w, self.a, self.b, self.scale, self.shape = w, a, b, scale, tuple(w.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        w, a, b = (np.asarray(x, np.float64) for x in (self.w, self.a, self.b))
+        out = (w + self.scale * (b @ a)).astype(np.float32)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def lora_pairs(lora: dict) -> dict[str, tuple]:
+    """{module: (A, B)} from a peft-style dict ('base_model.model.' and '.default' name parts and the wrapper
+    prefixes accepted); a key that is not half of a pair is an error."""
     lora = {k.replace("base_model.model.", "").replace(".default", ""): v for k, v in lora.items()}
     lora = strip_prefixes(lora, WRAPPER_PREFIXES)
     lora = {_strip_leading(k): v for k, v in lora.items()}
-    out = dict(sd)
     a_keys = [k for k in lora if k.endswith(".lora_A.weight")]
     if not a_keys:
         raise ConversionError(f"LoRA file has no '*.lora_A.weight' keys; first keys: {sorted(lora)[:5]}.")
+    unused = [k for k in lora if not k.endswith(LORA_SUFFIXES)]
+    if unused:
+        raise ConversionError(f"LoRA file has keys that are not LoRA pairs, e.g. {unused[:5]}.")
+    pairs = {}
     for ka in a_keys:
         base = ka[: -len(".lora_A.weight")]
         kb = base + ".lora_B.weight"
         if kb not in lora:
             raise ConversionError(f"LoRA key {ka} has no matching {kb}.")
+        pairs[base] = (lora[ka], lora[kb])
+    orphans = [k for k in lora if k.endswith(".lora_B.weight") and k[: -len(".lora_B.weight")] not in pairs]
+    if orphans:
+        raise ConversionError(f"LoRA key {orphans[0]} has no matching lora_A.")
+    return pairs
+
+
+def lora_rank(pairs: dict) -> int:
+    ranks = sorted({int(a.shape[0]) for a, _ in pairs.values()})
+    if len(ranks) != 1:
+        raise ConversionError(f"the LoRA's pairs have different ranks {ranks}; dfjax merges one rank with one alpha.")
+    return ranks[0]
+
+
+def resolve_lora_alpha(rank: int, alpha: float | None, file_alpha: tuple[float, str] | None) -> tuple[float, str]:
+    """(alpha, where from): --lora-alpha, else the adapter config saved with the LoRA, else the release's value for
+    its rank; LongLive's LoRA files do not store alpha, so any other rank is refused rather than guessed."""
+    if alpha is not None:
+        return float(alpha), "--lora-alpha"
+    if file_alpha is not None:
+        return float(file_alpha[0]), file_alpha[1]
+    if rank in KNOWN_LORA_ALPHA:
+        return float(rank), KNOWN_LORA_ALPHA[rank] + "; the file does not store alpha"
+    raise ConversionError(
+        f"the LoRA has rank {rank}, and its file does not store alpha (LongLive's do not); the merge scale is "
+        f"alpha / rank, so give the alpha it was trained with: --lora-alpha A (LongLive's configs set it as "
+        f"adapter.alpha; alpha = rank gives scale 1).")
+
+
+def merge_lora(sd: dict, lora: dict, alpha: float | None = None) -> dict:
+    """W += (alpha / r) B @ A for every LoRA pair; keys '<module>.lora_A.weight' [r, in] / 'lora_B' [out, r].
+
+    PEFT's 'base_model.model.' and '.default' name parts are accepted. alpha: as resolve_lora_alpha (no file
+    config). Each merged weight is computed (in float64) only when the conversion asks for it.
+    """
+    pairs = lora_pairs(lora)
+    alpha, _ = resolve_lora_alpha(lora_rank(pairs), alpha, None)
+    return merge_pairs(sd, pairs, alpha)
+
+
+def merge_pairs(sd: dict, pairs: dict, alpha: float) -> dict:
+    out = dict(sd)
+    for base, (a, b) in pairs.items():
         target = base + ".weight"
         if target not in out:
-            raise ConversionError(f"LoRA key {ka} targets '{target}', which the base checkpoint lacks.")
-        a, b = np.asarray(lora[ka], np.float32), np.asarray(lora[kb], np.float32)
-        r = a.shape[0]
-        w = np.asarray(out[target])
-        if b.shape[1] != r or (b.shape[0], a.shape[1]) != w.shape:
-            raise ConversionError(f"LoRA {base}: A {a.shape}, B {b.shape} do not fit the weight {w.shape}.")
-        out[target] = (w.astype(np.float32) + ((alpha or r) / r) * (b @ a)).astype(w.dtype)
-    unused = [k for k in lora if not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight"))]
-    if unused:
-        raise ConversionError(f"LoRA file has keys that are not LoRA pairs, e.g. {unused[:5]}.")
+            raise ConversionError(f"LoRA key {base}.lora_A.weight targets '{target}', which the base checkpoint lacks "
+                                  f"(its first keys: {sorted(sd)[:3]}).")
+        w, r = out[target], int(a.shape[0])
+        if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != r or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ConversionError(f"LoRA {base}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the weight "
+                                  f"{tuple(w.shape)}.")
+        out[target] = MergedTensor(w, a, b, alpha / r)
     return out
 
 
 def _strip_leading(k: str) -> str:
-    for p in LEADING_PREFIXES:
-        if k.startswith(p):
-            return k[len(p):]
+    changed = True
+    while changed:  # e.g. DDP's "module." around Self Forcing's "model."
+        changed = False
+        for p in LEADING_PREFIXES:
+            if k.startswith(p):
+                k, changed = k[len(p):], True
+                break
     return k
 
 
-def read_transformer_state(src: str | Path, ema: bool = True) -> tuple[dict, dict]:
-    """Reads a transformer checkpoint (any supported source) -> (state dict with bare names, extra config)."""
+# ---------------------------------------------------------------- reading the base
+
+MODEL_ENTRIES = ("generator", "generator_ema", "model")
+
+
+def model_entries(top: dict) -> tuple[str, ...]:
+    return tuple(e for e in MODEL_ENTRIES if isinstance(top.get(e), Mapping))
+
+
+def is_lora_dict(d: Mapping) -> bool:
+    return any(isinstance(k, str) and (".lora_A." in k or ".lora_B." in k) for k in d)
+
+
+def choose_entry(src, entries: tuple[str, ...], fam, entry: str | None) -> tuple[str | None, str]:
+    """(entry, why): --entry, else the first of the family's entries the file has, else its only entry."""
+    if not entries:
+        if entry is not None:
+            raise ConversionError(f"--entry {entry}: {src} is a bare state dict, with no training entries.")
+        return None, "a bare state dict"
+    if entry is not None:
+        if entry not in entries:
+            raise ConversionError(f"--entry {entry}: {src} has no such entry (it has {', '.join(entries)}).")
+        return entry, "--entry"
+    for e in fam.entries:
+        if e in entries:
+            return e, fam.entry_why
+    if len(entries) == 1:
+        return entries[0], (f"the only weights in the file ({fam.title}'s inference loads "
+                            f"{' or '.join(repr(e) for e in fam.entries) or 'a bare state dict'})")
+    raise ConversionError(f"{src} has the entries {', '.join(entries)}, and {fam.title}'s inference loads none of "
+                          f"them; choose one with --entry.")
+
+
+def read_transformer_state(src: str | Path, ema: bool = True, entry: str | None = None, top: dict | None = None,
+                           notes: list[str] | None = None) -> dict:
+    """Reads a transformer checkpoint (any supported source) -> its state dict with bare names.
+
+    A torch file with training entries gives `entry` (default: 'generator_ema' if ema, else 'generator'); the
+    other entries and non-tensor values are left out (with a line in `notes`).
+    """
     src = Path(src)
-    extra: dict = {}
-    if src.is_dir() and (src / "config.json").is_file():
-        cfg = json.loads((src / "config.json").read_text())
-        if "num_attention_heads" in cfg:
-            extra["num_heads"] = int(cfg["num_attention_heads"])
-    if src.is_file() and src.suffix in (".pt", ".pth", ".bin"):
-        top = read_torch_file(src)
-        if "generator" in top or "generator_ema" in top:  # Self Forcing / LongLive / Causal Forcing
-            key = "generator_ema" if ema and "generator_ema" in top else "generator"
-            if ema and key != "generator_ema":
-                raise ConversionError(f"{src} has no 'generator_ema'; convert the non-EMA weights with --no-ema.")
-            sd = read_state_dict(src, subkey=key)
+    if src.is_file() and src.suffix != ".safetensors":
+        top = read_torch_file(src) if top is None else top
+        entries = model_entries(top)
+        if entries:
+            if entry is None:
+                entry = "generator_ema" if ema else "generator"
+                if entry not in entries:
+                    raise ConversionError(f"{src} has no '{entry}' entry (it has {', '.join(entries)}); choose one "
+                                          "with --entry.")
+            others = sorted(str(k) for k in top if k != entry)
+            if others and notes is not None:
+                notes.append(f"{src.name}: took '{entry}'; left out {', '.join(others[:6])}"
+                             f"{', ...' if len(others) > 6 else ''}")
+            sd = read_state_dict(src, subkey=entry, top=top, notes=notes)
         else:
-            sd = read_state_dict(src)
+            sd = read_state_dict(src, top=top, notes=notes)
     else:
         sd = read_state_dict(src)
+    if is_lora_dict(sd):
+        raise ConversionError(f"{src} holds LoRA weights (lora_A / lora_B keys), not a base model; give it as --lora "
+                              "and the base checkpoint as the source.")
     sd = strip_prefixes(sd, WRAPPER_PREFIXES)
-    sd = {_strip_leading(k): v for k, v in sd.items()}
-    return sd, extra
+    return {_strip_leading(k): v for k, v in sd.items()}
 
 
-def convert_transformer(sd: dict, cfg: WanConfig, stream: bool = False):
-    """A bare-named state dict -> dfjax flat params for `cfg`, with every key and shape checked."""
+def expected_params(cfg: WanConfig) -> dict:
+    """{flat key: ShapeDtypeStruct} of the DiT `cfg` describes (nothing allocated)."""
     from flax import nnx
 
     from dfjax.model.transformer import WanDiT
     from dfjax.params import abstract_params
 
+    return abstract_params(lambda: WanDiT(cfg, nnx.Rngs(0)))
+
+
+def convert_transformer(sd: dict, cfg: WanConfig, stream: bool = False, expected: dict | None = None):
+    """A bare-named state dict -> dfjax flat params for `cfg`, with every key and shape checked (`expected`:
+    expected_params(cfg), if already made)."""
     fmt = detect_format(sd)
-    expected = abstract_params(lambda: WanDiT(cfg, nnx.Rngs(0)))
+    expected = expected_params(cfg) if expected is None else expected
     rules = wan_rules() if fmt == "wan" else diffusers_rules()
     # Wan keeps RoPE tables as plain attributes; diffusers registers none in the state dict either.
     return apply_key_map(sd, rules, expected, source=f"{fmt} transformer checkpoint", ignore=(r"freqs",),

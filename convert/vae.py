@@ -179,7 +179,13 @@ def _check_hf_config(hf: Mapping, arch: dict) -> None:
 def read_vae_checkpoint(src: str | Path) -> tuple[dict[str, np.ndarray], dict | None]:
     """(state dict, diffusers config.json or None) of a .pth/.safetensors file or a diffusers folder."""
     src = Path(src)
-    hf = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else None
+    hf = None
+    if (src / "config.json").is_file():
+        try:
+            hf = json.loads((src / "config.json").read_text())
+        except ValueError as e:
+            raise ConversionError(f"{src / 'config.json'} is damaged: not valid JSON ({e}); it may be truncated: "
+                                  "download or copy it again.") from e
     return read_state_dict(src), hf
 
 

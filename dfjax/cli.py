@@ -21,9 +21,11 @@ class UsageError(ValueError):
 def cmd_convert(a) -> None:
     from dfjax.convert.build import convert_model_folder
 
+    entry = a.entry or ("generator" if a.no_ema else None)
     out = convert_model_folder(
-        a.src, a.out, config=a.config, num_heads=a.num_heads, ema=not a.no_ema, lora=a.lora, lora_alpha=a.lora_alpha,
-        text_encoder=a.text_encoder, vae=a.vae, tokenizer=a.tokenizer, dtype=a.dtype, overwrite=a.overwrite,
+        a.src, a.out, config=a.config, num_heads=a.num_heads, family=a.family, entry=entry, steps=a.steps,
+        lora=a.lora, lora_alpha=a.lora_alpha, text_encoder=a.text_encoder, vae=a.vae, tokenizer=a.tokenizer,
+        dtype=a.dtype, compute_dtype=a.compute_dtype, overwrite=a.overwrite, log=print,
     )
     print(f"wrote {out}")
 
@@ -264,19 +266,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfjax", description="Dummy Forcing video generation in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="PyTorch checkpoints -> a dfjax model folder")
-    c.add_argument("src", help="the DiT: Self Forcing .pt, Wan2.1 .safetensors/.pth, or a diffusers folder")
+    c = sub.add_parser("convert", help="PyTorch checkpoints -> a dfjax model folder",
+                       description="Converts a causal Wan2.1 checkpoint (and optionally its text encoder, VAE and "
+                                   "tokenizer) into a dfjax model folder, recording the sampling settings its family "
+                                   "runs with; prints what it did. docs/checkpoints.md has a command per release.")
+    c.add_argument("src", help="the DiT: a Self Forcing / LongLive / Causal Forcing .pt, a Wan2.1 .safetensors/.pth, "
+                               "or a diffusers folder")
     c.add_argument("out", help="the model folder to write (atomically)")
+    c.add_argument("--family", choices=["self-forcing", "longlive", "causal-forcing", "causal-forcing-framewise", "wan"],
+                   help="the release the checkpoint comes from: sets the entry its authors load and the sampling, "
+                        "cache and Dummy Forcing settings recorded (default: detected from the file, and printed)")
+    c.add_argument("--steps", type=int, choices=[1, 2, 4],
+                   help="causal-forcing-framewise: the release's step count (1 and 2: Causal Forcing++, with a 4-step "
+                        "first chunk; default: from the file name, else 4)")
+    c.add_argument("--entry", choices=["generator", "generator_ema", "model"],
+                   help="the entry of a training save to convert (default: the one the family's inference loads)")
+    c.add_argument("--no-ema", action="store_true", help="the same as --entry generator")
     c.add_argument("--config", help="model preset (wan-1.3b, wan-14b, tiny) or a JSON file; checked against the weights")
-    c.add_argument("--num-heads", type=int, help="attention heads, when the config is inferred (default dim/128)")
-    c.add_argument("--no-ema", action="store_true", help="Self Forcing .pt: take 'generator', not 'generator_ema'")
-    c.add_argument("--lora", help="LongLive LoRA file to merge into the DiT")
-    c.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    c.add_argument("--num-heads", type=int,
+                   help="attention heads (default: from a config.json that comes with the source, else Wan2.1's "
+                        "1536 -> 12 and 5120 -> 40; other widths need it)")
+    c.add_argument("--lora", help="LongLive LoRA file (lora.pt, a peft dict or folder) to merge into the DiT")
+    c.add_argument("--lora-alpha", type=float,
+                   help="the LoRA's alpha; scale = alpha / rank (default: the adapter_config.json saved with it, else "
+                        "LongLive's release value, 256 for its rank-256 LoRA; other ranks need it)")
     c.add_argument("--text-encoder", help="Wan T5 .pth, or a transformers UMT5EncoderModel folder/.safetensors")
     c.add_argument("--vae", help="Wan2.1 VAE .pth, or a diffusers AutoencoderKLWan folder")
     c.add_argument("--tokenizer", help="folder with the google/umt5-xxl tokenizer files")
-    c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="how the weights are stored (norms and modulation are always float32; default bfloat16)")
+    c.add_argument("--compute-dtype", choices=["bfloat16", "float32"],
+                   help="what the model computes in (default: the --dtype; generate --dtype overrides it per run)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a dfjax model folder (or empty); anything else is never touched")
     c.set_defaults(fn=cmd_convert)
 
     g = sub.add_parser("generate", help="text -> mp4")

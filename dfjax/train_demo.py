@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -576,21 +577,21 @@ def repack(src: str | Path, out: str | Path) -> Path:
 
 def write_raw_folder(out: Path, dit, text, vae, tokenizer_dir, dit_cfg, text_cfg, vae_cfg, sampling, defaults,
                      training) -> Path:
-    """The model folder's content without orbax: params.npz (keys "<component>/<flat key>") + raw_config.json."""
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    flat = {f"transformer/{k}": v for k, v in to_numpy(flat_state(dit)).items()}
-    flat |= {f"text_encoder/{k}": v for k, v in to_numpy(flat_state(text)).items()}
-    flat |= {f"vae/{k}": v for k, v in to_numpy(flat_state(vae)).items() if k.startswith("decoder.")}
-    np.savez(out / "params.npz", **flat)
-    dec_cfg = dataclasses.replace(vae_cfg, with_encoder=False)
-    config = {"transformer": _plain(dit_cfg), "text_encoder": _plain(text_cfg), "vae": _plain(dec_cfg),
-              "defaults": defaults, "sampling": sampling, "training": training}
-    (out / "raw_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    shutil.copytree(tokenizer_dir, out / "tokenizer")
-    return out
+    """The model folder's content without orbax: params.npz (keys "<component>/<flat key>") + raw_config.json.
+    Written like a model folder (dfjax.model_io.staged_folder): it replaces only a folder dfjax wrote, atomically."""
+    from dfjax.model_io import RAW_FORMAT, staged_folder
+
+    with staged_folder(out, overwrite=True) as tmp:
+        flat = {f"transformer/{k}": v for k, v in to_numpy(flat_state(dit)).items()}
+        flat |= {f"text_encoder/{k}": v for k, v in to_numpy(flat_state(text)).items()}
+        flat |= {f"vae/{k}": v for k, v in to_numpy(flat_state(vae)).items() if k.startswith("decoder.")}
+        np.savez(tmp / "params.npz", **flat)
+        dec_cfg = dataclasses.replace(vae_cfg, with_encoder=False)
+        config = {"format": RAW_FORMAT, "transformer": _plain(dit_cfg), "text_encoder": _plain(text_cfg),
+                  "vae": _plain(dec_cfg), "defaults": defaults, "sampling": sampling, "training": training}
+        (tmp / "raw_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    return Path(out).absolute()
 
 
 def finalize_raw(raw: str | Path, out: str | Path) -> Path:
@@ -599,6 +600,7 @@ def finalize_raw(raw: str | Path, out: str | Path) -> Path:
 
     raw = Path(raw)
     config = json.loads((raw / "raw_config.json").read_text())
+    config.pop("format", None)
     params: dict = {"transformer": {}, "text_encoder": {}, "vae": {}}
     with np.load(raw / "params.npz") as z:
         for k in z.files:
@@ -849,7 +851,8 @@ def write_demo_media(folder: str | Path, out_dir: str | Path, prompts=None, seed
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfjax train-demo", description="Train the built-in demo model from scratch.")
-    p.add_argument("--out", required=True, help="model folder to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="model folder to write (an existing one is replaced if dfjax wrote "
+                                                "it, or it is empty; anything else is refused)")
     p.add_argument("--tar", help="also pack the folder into this .tar file")
     p.add_argument("--preview", help="also save a few generated held-out videos to this .npz")
     p.add_argument("--save-vae", help="also save the whole trained VAE (with its encoder) to this .npz")
@@ -873,7 +876,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from dfjax.model_io import ModelFolderError, check_output
+
     a = build_parser().parse_args(argv)
+    try:  # --out is replaced, but only if dfjax wrote it (or it is empty): refused before any training
+        check_output(a.out, overwrite=True)
+    except ModelFolderError as e:
+        print(f"dfjax train-demo: error: {e}", file=sys.stderr)
+        return 2
     if a.finalize:
         print(f"wrote {finalize_raw(a.finalize, a.out)}")
         return 0

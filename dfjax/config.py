@@ -31,7 +31,7 @@ def config_from_dict(cls, d: dict):
 
 @dataclass(frozen=True)
 class WanConfig:
-    """The Wan2.1 T2V DiT. Defaults are the 1.3B model (reference.md §1)."""
+    """The Wan2.1 T2V DiT. Defaults are the 1.3B model (docs/model.md)."""
 
     dim: int = 1536
     num_layers: int = 30
@@ -89,7 +89,7 @@ class WanConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Self Forcing's few-step flow-matching sampler (reference.md §2)."""
+    """Self Forcing's few-step flow-matching sampler (docs/model.md)."""
 
     denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
     warp: bool = True  # index the shifted 1000-step table, as Self Forcing's `warp_denoising_step`
@@ -176,7 +176,7 @@ RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "1080p": (1088, 1920)}
 
 @dataclass(frozen=True)
 class DummyForcingConfig:
-    """Dummy Forcing settings (reference.md §3); defaults are the public release's."""
+    """Dummy Forcing settings (docs/dummy-forcing.md); defaults are the public release's."""
 
     num_dummy: int | None = None  # None: half of all heads (the release's 180 of 360)
     ar_start: int = 1  # AR step whose cache-refresh forward is scored; the plan applies from the next

@@ -1,4 +1,4 @@
-"""Self Forcing's few-step flow-matching schedule (reference.md §2).
+"""Self Forcing's few-step flow-matching schedule (docs/model.md).
 
 Host-side numpy: timesteps and sigmas are computed once per config, then enter jit as arrays.
 """

@@ -31,7 +31,7 @@ SENTENCES = [
     "video of a car driving along the coast",
 ]
 
-# HF name -> Wan release name: the inverse of reference.md's "Wan T5 .pth -> HF UMT5" map, written
+# HF name -> Wan release name: the inverse of the converter's Wan T5 .pth -> HF UMT5 map (docs/model.md), written
 # independently of the converter so the Wan path is checked against transformers' own weights.
 HF_TO_WAN = [
     (r"shared\.weight", "token_embedding.weight"),

@@ -1,4 +1,4 @@
-"""3D rotary position embedding of Wan2.1 (reference.md §1).
+"""3D rotary position embedding of Wan2.1 (docs/model.md).
 
 The head dimension is split t:h:w = (d - 4*(d//6)) : 2*(d//6) : 2*(d//6), each axis with its own
 frequency ladder. Consecutive channel pairs form complex numbers. Angle tables are computed once on

@@ -4,6 +4,7 @@ clearly and leave no model folder behind."""
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -134,7 +135,6 @@ def test_config_mismatch_and_wrong_format_are_refused(diffusers_model, tmp_path)
 
 def test_interrupted_conversion_leaves_no_folder(diffusers_model, tmp_path, monkeypatch):
     _, hf_folder = diffusers_model
-    import shutil
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -222,3 +222,208 @@ def test_conversion_holds_a_few_tensors_never_the_model(diffusers_model, tmp_pat
     assert held.keys() == streamed.keys()
     for k, v in held.items():  # the same parameters either way
         np.testing.assert_array_equal(streamed[k], v)
+
+
+# ---------------------------------------------------------------- bad input: one line, nothing left behind
+
+def _tree(root):
+    """Every path under root (hidden ones included) with its size: what a failed command must leave as it was."""
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def files(diffusers_model, tmp_path_factory):
+    """Tiny source files in the releases' layouts, and a damaged copy of each kind."""
+    tm, hf = diffusers_model
+    d = tmp_path_factory.mktemp("files")
+    wan = to_wan_names({k: v.clone() for k, v in tm.state_dict().items()})
+    torch.save({"generator": {f"model.{k}": v for k, v in wan.items()}, "step": 3}, d / "base.pt")
+    g = torch.Generator().manual_seed(0)
+    w = wan["blocks.0.ffn.0.weight"]
+    lora = {"base_model.model.blocks.0.ffn.0.lora_A.weight": torch.randn(4, w.shape[1], generator=g),
+            "base_model.model.blocks.0.ffn.0.lora_B.weight": torch.randn(w.shape[0], 4, generator=g)}
+    torch.save({"generator_lora": lora, "critic_lora": {}, "step": 3}, d / "lora.pt")
+    data = (d / "base.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (d / "garbage.safetensors").write_bytes(b"\x7f" * 64)
+    shutil.copytree(hf, d / "hf-bad-config")
+    cfg = (hf / "config.json").read_text()
+    (d / "hf-bad-config" / "config.json").write_text(cfg[: len(cfg) // 2])
+    return d
+
+
+def _run(argv, tmp_path, capsys):
+    """dfjax ARGV from tmp_path: exit status 2, one line naming the problem, and tmp_path exactly as before."""
+    from dfjax.cli import main
+
+    before = _tree(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dfjax: error:"), err
+    assert _tree(tmp_path) == before
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{f}/lora.pt", "out"], "is a LoRA file (a generator_lora entry), not a base model; give it as --lora"),
+    (["{f}/base.pt", "out", "--lora", "{f}/base.pt"], "is a full checkpoint (entries generator), not a LoRA; give it "
+                                                      "as the source"),
+    (["{f}/base.pt", "out", "--lora", "{f}/lora.pt", "--num-heads", "4"], "has rank 4, and its file does not store "
+                                                                          "alpha"),
+    (["{f}/truncated.pt", "out"], "truncated.pt: the file is truncated or damaged (PytorchStreamReader failed"),
+    (["{f}/garbage.safetensors", "out"], "garbage.safetensors: not a valid .safetensors file"),
+    (["{f}/base.pt", "out", "--num-heads", "4", "--text-encoder", "{f}/garbage.safetensors"],
+     "garbage.safetensors: not a valid .safetensors file"),
+    (["{f}/hf-bad-config", "out"], "hf-bad-config/config.json is damaged: not valid JSON"),
+    (["{f}/base.pt", "out"], "cannot tell how many attention heads this 48-wide model has"),
+    (["{f}/base.pt", "out", "--config", "wan-1.3b"], "the sizes disagree (weights vs config: dim 48 vs 1536, "
+                                                     "num_layers 2 vs 30"),
+    (["{f}/base.pt", "out", "--num-heads", "5"], "5 heads (--num-heads) do not divide the model width 48"),
+    (["{f}/base.pt", "out", "--steps", "2", "--num-heads", "4"], "--steps: only Causal Forcing's frame-wise releases"),
+    (["{f}/base.pt", "out", "--entry", "generator_ema"], "--entry generator_ema: "),
+    (["{f}/missing.pt", "out"], "the source "),
+    (["{f}/base.pt", "out", "--vae", "{f}/nothing"], "--vae "),
+])
+def test_bad_convert_input_is_one_line_before_any_work(files, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    line = _run(["convert", *[a.format(f=files) for a in args]], tmp_path, capsys)
+    assert message in line, line
+
+
+def test_a_torch_file_without_torch_says_which_extra_installs_it(files, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as on a machine without it
+    line = _run(["convert", str(files / "base.pt"), str(tmp_path / "out")], tmp_path, capsys)
+    assert "base.pt is a PyTorch file, and reading it needs torch" in line and "pip install 'dfjax[torch]'" in line
+
+
+def test_an_output_on_a_read_only_filesystem_fails_before_any_work(files, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *a, **k):  # the kernel's answer for anything made under a read-only mount
+        if str(path).startswith(str(ro)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    line = _run(["convert", str(files / "base.pt"), str(ro / "models" / "m"), "--num-heads", "4"], tmp_path, capsys)
+    assert f"cannot write {ro}/models/m: {ro} is not writable (Read-only file system)" in line
+
+
+@pytest.mark.parametrize("target", ["cwd", "foreign", "file", "model-with-extra-file"])
+def test_overwrite_replaces_only_what_dfjax_wrote(files, diffusers_model, tmp_path, capsys, monkeypatch, target):
+    """`dfjax convert x.pth . --overwrite` once deleted the current directory with the source in it."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(files / "base.pt", tmp_path / "x.pth")
+    if target == "cwd":
+        out, message = ".", "holds the current directory; --overwrite will not replace it"
+    elif target == "foreign":
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+        out, message = "mine", "mine is not a folder dfjax wrote (it holds thesis.tex); --overwrite replaces only"
+    elif target == "file":
+        (tmp_path / "notes.txt").write_text("keep")
+        out, message = "notes.txt", "notes.txt exists and is not a folder"
+    else:
+        convert_model_folder(diffusers_model[1], tmp_path / "model")
+        (tmp_path / "model" / "profile.json").write_text("{}")
+        out, message = "model", "model is not a folder dfjax wrote (it holds config.json, profile.json, transformer)"
+    line = _run(["convert", "x.pth", out, "--overwrite", "--num-heads", "4"], tmp_path, capsys)
+    assert message in line, line
+
+
+def test_overwrite_replaces_a_model_folder_atomically_with_the_users_umask(diffusers_model, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    _, hf = diffusers_model
+    old = convert_model_folder(hf, tmp_path / "m", dtype="float32")
+    before = _tree(tmp_path)
+    import dfjax.convert.transformer as tr
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # dies while the new transformer is being converted
+        m.setattr(tr, "patch_embedding", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert_model_folder(hf, old, overwrite=True)
+    assert _tree(tmp_path) == before  # the old folder whole, nothing beside it
+    prev = os.umask(0o027)
+    try:
+        convert_model_folder(hf, old, overwrite=True)  # bfloat16 this time
+    finally:
+        os.umask(prev)
+    assert read_config(old)["transformer"]["param_dtype"] == "bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    for p in (old, old / "config.json", old / "transformer"):
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o750 if p.is_dir() else 0o640), (p, oct(mode))
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("config", "config.json is damaged: not valid JSON"),
+    ("data", "its transformer part is damaged or incomplete"),
+    ("part", "its transformer part is damaged (no Orbax checkpoint in"),
+])
+def test_a_damaged_model_folder_is_one_line(diffusers_model, tmp_path, capsys, monkeypatch, damage, message):
+    _, hf = diffusers_model
+    folder = convert_model_folder(hf, tmp_path / "m")
+    if damage == "config":
+        text = (folder / "config.json").read_text()
+        (folder / "config.json").write_text(text[: len(text) // 2])
+    else:
+        files = [p for p in (folder / "transformer").rglob("*") if p.is_file()]
+        if damage == "data":  # the largest file holds the weights: cut it short
+            big = max(files, key=lambda p: p.stat().st_size)
+            big.write_bytes(big.read_bytes()[:100])
+        else:
+            for p in files:
+                if p.name == "_METADATA":
+                    p.unlink()
+    from dfjax.model_io import ModelFolderError
+
+    with pytest.raises(ModelFolderError) as e:
+        converted(folder)
+    assert message in str(e.value) and "convert the model again" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_train_demo_refuses_an_out_it_did_not_write_before_training(tmp_path, capsys):
+    from dfjax.cli import main
+
+    (tmp_path / "data.csv").write_text("1,2")
+    before = _tree(tmp_path)
+    assert main(["train-demo", "--out", str(tmp_path), "--size", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder dfjax wrote (it holds data.csv)" in err[0], err
+    assert _tree(tmp_path) == before
+
+
+def test_progress_shows_on_a_terminal_or_for_a_large_part(diffusers_model, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from dfjax.convert.build import LARGE_PART, _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    items = [("a", 1), ("b", 2)]
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    assert _progress(items, "x", 2, LARGE_PART - 1, None) is items  # small, and not a terminal
+    assert list(_progress(iter(items), "x", 2, LARGE_PART, None)) == items  # large: a bar even in a log file
+    assert "converting x" in log.getvalue()
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    convert_model_folder(diffusers_model[1], tmp_path / "m")
+    assert "converting transformer" in term.getvalue() and "tensor" in term.getvalue()

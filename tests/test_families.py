@@ -217,3 +217,34 @@ def test_longlive_forward_matches_diffusers_with_the_lora_merged(tiny, tmp_path)
     assert np.abs(ours - ref).max() < TOL
     unmerged = diffusers_forward(tm, to_cfhw(x), t, context, TPF)
     assert np.abs(unmerged - ref).max() > 100 * TOL  # the LoRA changes the output: the comparison can tell
+
+
+def test_convert_prints_what_it_did_and_stores_it(tiny, tmp_path, capsys):
+    """The summary: source entry, size and heads with their origin, both dtypes, LoRA rank / alpha / scale, the
+    sampling recorded; the same facts in config.json "conversion"; no progress bar in captured output."""
+    from dfjax.cli import main
+
+    _, wan, lora, _ = tiny
+    src, _, _ = write_case("longlive", wan, lora, tmp_path)
+    out = tmp_path / "m"
+    assert main(["convert", str(src), str(out), "--lora", str(tmp_path / "lora.pt"), "--lora-alpha", "2",
+                 "--num-heads", "4", "--dtype", "float32", "--compute-dtype", "bfloat16"]) == 0
+    stdout, stderr = capsys.readouterr()
+    rows = dict(line.split(None, 1) for line in stdout.splitlines()[1:-1] if not line.startswith("  note"))
+    assert rows["family"].startswith("longlive (detected: a LoRA was given")
+    assert rows["weights"].startswith("'generator' of longlive_base.pt (LongLive's inference config sets use_ema: false")
+    assert rows["transformer"].startswith("dim 48, 2 layers, 4 heads of 12 (heads: --num-heads)")
+    assert rows["lora"].startswith(f"lora.pt: rank 4, alpha 2 (--lora-alpha), scale 0.5, {len(lora)} weights merged")
+    assert rows["dtypes"].startswith("stored float32, computed bfloat16")
+    assert rows["sampling"] == ("chunks of 3 latent frames, steps 1000/750/500/250, shift 5, cache local: sink 3 + "
+                                "window 9 frames; Dummy Forcing ar_start 2, local_context_length 1")
+    assert "took 'generator'; left out critic, generator_ema, generator_optimizer, step" in stdout
+    assert stdout.splitlines()[-1] == f"wrote {out}"
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("done in"), err  # no progress bar: stderr is not a terminal
+    conv = read_config(out)["conversion"]
+    assert conv["lora"] == dict(file="lora.pt", rank=4, alpha=2.0, alpha_from="--lora-alpha", scale=0.5,
+                                pairs=len(lora))
+    assert (conv["entry"], conv["num_heads"], conv["storage_dtype"], conv["compute_dtype"]) == \
+        ("generator", 4, "float32", "bfloat16")
+    assert conv["sources"] == {"transformer": "longlive_base.pt", "lora": "lora.pt"}

@@ -137,8 +137,11 @@ def plan_transformer(src, *, config=None, num_heads=None, ema=None, lora=None, l
                               "not a base model; give it as --lora, and the base checkpoint (longlive_base.pt) as the "
                               "source.")
     entries = model_entries(top) if top is not None else ()
-    if ema is not None and entry is None:  # the older flag: --no-ema is --entry generator
-        entry = "generator_ema" if ema else "generator"
+    if ema is not None and entry is None:  # the older switch: --no-ema is --entry generator
+        if entries:
+            entry = "generator_ema" if ema else "generator"
+        else:
+            notes.append(f"--no-ema has no effect: {src.name} has no training entries to choose from")
     pairs, file_alpha = read_lora(lora, notes) if lora else (None, None)
 
     if family is None:

@@ -21,9 +21,9 @@ class UsageError(ValueError):
 def cmd_convert(a) -> None:
     from dfjax.convert.build import convert_model_folder
 
-    entry = a.entry or ("generator" if a.no_ema else None)
     out = convert_model_folder(
-        a.src, a.out, config=a.config, num_heads=a.num_heads, family=a.family, entry=entry, steps=a.steps,
+        a.src, a.out, config=a.config, num_heads=a.num_heads, family=a.family, entry=a.entry, steps=a.steps,
+        ema=False if a.no_ema else None,
         lora=a.lora, lora_alpha=a.lora_alpha, text_encoder=a.text_encoder, vae=a.vae, tokenizer=a.tokenizer,
         dtype=a.dtype, compute_dtype=a.compute_dtype, overwrite=a.overwrite, log=print,
     )

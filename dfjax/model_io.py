@@ -88,8 +88,8 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
             names = sorted(p.name for p in out.iterdir())
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
             raise ModelFolderError(
-                f"{out} is not a folder dfjax wrote (it holds {shown}); --overwrite replaces only a dfjax model "
-                "folder or an empty folder: choose another output path, or move it away yourself.")
+                f"{out} is not a folder dfjax wrote (it holds {shown}); dfjax replaces only its own model folders "
+                "and empty folders: choose another output path, or move it away yourself.")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent

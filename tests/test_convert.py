@@ -327,7 +327,7 @@ def test_overwrite_replaces_only_what_dfjax_wrote(files, diffusers_model, tmp_pa
     elif target == "foreign":
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "thesis.tex").write_text("years of work")
-        out, message = "mine", "mine is not a folder dfjax wrote (it holds thesis.tex); --overwrite replaces only"
+        out, message = "mine", "mine is not a folder dfjax wrote (it holds thesis.tex); dfjax replaces only its own"
     elif target == "file":
         (tmp_path / "notes.txt").write_text("keep")
         out, message = "notes.txt", "notes.txt exists and is not a folder"

@@ -133,9 +133,9 @@ def plan_transformer(src, *, config=None, num_heads=None, ema=None, lora=None, l
     lines: list[tuple[str, str]] = []
     top = read_torch_file(src) if is_torch_file(src) else None
     if top is not None and not model_entries(top) and ("generator_lora" in top or is_lora_dict(top)):
-        raise ConversionError(f"{src} is a LoRA file ({'a generator_lora entry' if 'generator_lora' in top else 'lora_A / lora_B keys'}), "
-                              "not a base model; give it as --lora, and the base checkpoint (longlive_base.pt) as the "
-                              "source.")
+        what = "a generator_lora entry" if "generator_lora" in top else "lora_A / lora_B keys"
+        raise ConversionError(f"{src} is a LoRA file ({what}), not a base model; give it as --lora, and the base "
+                              "checkpoint (longlive_base.pt) as the source.")
     entries = model_entries(top) if top is not None else ()
     if ema is not None and entry is None:  # the older switch: --no-ema is --entry generator
         if entries:
@@ -190,14 +190,13 @@ def plan_transformer(src, *, config=None, num_heads=None, ema=None, lora=None, l
     nparams = sum(math.prod(v.shape) for v in expected.values())
     nbytes = sum(math.prod(v.shape) * v.dtype.itemsize for v in expected.values())
 
-    fam_line = f"{fam.name} ({family_from})"
-    lines.insert(0, ("family", fam_line))
-    lines.insert(1, ("weights", f"'{entry}' of {src.name} ({entry_from})" if entry else
-                     f"{src.name} ({entry_from}, {fmt} names)"))
-    lines.insert(2, ("transformer", f"dim {cfg.dim}, {cfg.num_layers} layers, {heads} heads of {cfg.head_dim} (heads: "
-                                    f"{heads_from}), {nparams / 1e9:.2f}B parameters" if nparams >= 1e8 else
-                     f"dim {cfg.dim}, {cfg.num_layers} layers, {heads} heads of {cfg.head_dim} (heads: {heads_from}), "
-                     f"{nparams / 1e6:.2f}M parameters"))
+    size = f"{nparams / 1e9:.2f}B" if nparams >= 1e8 else f"{nparams / 1e6:.2f}M"
+    lines[:0] = [
+        ("family", f"{fam.name} ({family_from})"),
+        ("weights", f"'{entry}' of {src.name} ({entry_from})" if entry else f"{src.name} ({entry_from}, {fmt} names)"),
+        ("transformer", f"dim {cfg.dim}, {cfg.num_layers} layers, {heads} heads of {cfg.head_dim} (heads: "
+                        f"{heads_from}), {size} parameters"),
+    ]
     lines.append(("dtypes", f"stored {dtype}, computed {compute_dtype} (norms, modulation and the time embedding "
                             f"stored float32)"))
     lines.append(("sampling", fams.describe(records) + (f" [{steps_from}]" if steps_from else "")))

@@ -122,7 +122,8 @@ def describe(rec: dict) -> str:
     steps = "/".join(f"{t:g}" for t in s["denoising_steps"])
     first = s.get("first_chunk_denoising_steps")
     c = rec["cache"]
-    cache = "global" if c["kind"] == "global" else f"local: sink {c['sink_frames']} + window {c['window_frames']} frames"
+    cache = "global" if c["kind"] == "global" else \
+        f"local: sink {c['sink_frames']} + window {c['window_frames']} frames"
     text = (f"chunks of {s['chunk_frames']} latent frame{'s' if s['chunk_frames'] > 1 else ''}, steps {steps}"
             + (f" (first chunk {'/'.join(f'{t:g}' for t in first)})" if first else "")
             + f", shift {s['shift']:g}, cache {cache}")

@@ -121,8 +121,8 @@ def infer_sizes(sd: dict, fmt: str) -> dict:
         raise ConversionError(f"'patch_embedding.weight' has shape {tuple(pe.shape)}; a Wan2.1 DiT's is 5-dimensional.")
     dim, cin, pt, ph, pw = pe.shape
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return dict(dim=int(dim), num_layers=layers, ffn_dim=int(sd[names[2]].shape[0]), freq_dim=int(sd[names[1]].shape[1]),
-                text_dim=int(sd[names[0]].shape[1]), in_channels=int(cin),
+    return dict(dim=int(dim), num_layers=layers, ffn_dim=int(sd[names[2]].shape[0]),
+                freq_dim=int(sd[names[1]].shape[1]), text_dim=int(sd[names[0]].shape[1]), in_channels=int(cin),
                 out_channels=int(sd[names[3]].shape[0] // (pt * ph * pw)), patch=(int(pt), int(ph), int(pw)))
 
 
@@ -184,7 +184,8 @@ def resolve_heads(sizes: dict, src, num_heads: int | None, given: WanConfig | No
                 f"only Wan2.1's widths are known ({', '.join(f'{d} -> {h}' for d, (h, _) in KNOWN_HEADS.items())}); "
                 "give --num-heads.")
     if given is not None and num_heads and given.num_heads != num_heads:
-        raise ConversionError(f"--num-heads {num_heads} disagrees with --config {given_name} ({given.num_heads} heads).")
+        raise ConversionError(f"--num-heads {num_heads} disagrees with --config {given_name} "
+                              f"({given.num_heads} heads).")
     if heads < 1 or dim % heads:
         raise ConversionError(f"{heads} heads ({origin}) do not divide the model width {dim}.")
     return heads, origin, notes

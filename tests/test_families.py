@@ -232,7 +232,8 @@ def test_convert_prints_what_it_did_and_stores_it(tiny, tmp_path, capsys):
     stdout, stderr = capsys.readouterr()
     rows = dict(line.split(None, 1) for line in stdout.splitlines()[1:-1] if not line.startswith("  note"))
     assert rows["family"].startswith("longlive (detected: a LoRA was given")
-    assert rows["weights"].startswith("'generator' of longlive_base.pt (LongLive's inference config sets use_ema: false")
+    assert rows["weights"].startswith("'generator' of longlive_base.pt (LongLive's inference config sets "
+                                      "use_ema: false")
     assert rows["transformer"].startswith("dim 48, 2 layers, 4 heads of 12 (heads: --num-heads)")
     assert rows["lora"].startswith(f"lora.pt: rank 4, alpha 2 (--lora-alpha), scale 0.5, {len(lora)} weights merged")
     assert rows["dtypes"].startswith("stored float32, computed bfloat16")

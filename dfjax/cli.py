@@ -44,17 +44,24 @@ def read_prompts(path: str | Path, default_seed: int) -> list[tuple[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"prompt file {path} does not exist.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompt file {path} is not UTF-8 text ({e}).") from None
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         if path.suffix == ".jsonl":
             try:
                 obj = json.loads(line)
-                items.append((str(obj["prompt"]), int(obj.get("seed", default_seed))))
+                prompt, seed = obj["prompt"], int(obj.get("seed", default_seed))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise UsageError(f"{path}:{n}: expected a JSON object with a 'prompt' (and optional 'seed'): {e}.")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise UsageError(f"{path}:{n}: the prompt is empty; describe the video to make.")
+            items.append((prompt, seed))
         else:
             items.append((line, default_seed))
     if not items:
@@ -62,54 +69,76 @@ def read_prompts(path: str | Path, default_seed: int) -> list[tuple[str, int]]:
     return items
 
 
+def check_writable_file(path: str | Path, what: str) -> Path:
+    """A file we will write later: refused now if its folder is missing or read-only or it names a folder."""
+    import os
+
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name.")
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: the folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{what} {path} cannot be written (permission denied); choose another path.")
+    return path
+
+
 def check_request(a) -> Job | None:
     """Checks the prompt and output arguments before any heavy work; the Job of a single --prompt."""
-    if a.prompt is None and a.prompts is None and a.model is None:  # `dfjax generate` alone: the demo
+    import os
+
+    from dfjax.video import check_writable
+
+    if a.prompt is None and a.prompts is None and a.model in (None, "demo"):  # `dfjax generate` alone: the demo
         from dfjax.demo import DEMO_PROMPTS
 
         a.prompt = DEMO_PROMPTS[0]
     if (a.prompt is None) == (a.prompts is None):
         raise UsageError("give exactly one of --prompt TEXT or --prompts FILE.")
+    for path, what in ((a.timing_json, "--timing-json"), (a.save_profile, "--save-profile")):
+        if path:
+            check_writable_file(path, what)
     if a.prompt is not None:
         if not a.prompt.strip():
             raise UsageError("--prompt is empty; describe the video to make.")
         out = Path(a.out or "out.mp4")
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a folder; give an .mp4 file name (a folder is for --prompts).")
         if out.suffix.lower() != ".mp4":
             raise UsageError(f"--out {out} must be an .mp4 file for a single prompt.")
+        check_writable(out)
+        if out.exists() and not a.overwrite:
+            raise UsageError(f"{out} exists; pass --overwrite or choose another --out.")
         return Job(a.prompt, a.seed, out)
     read_prompts(a.prompts, a.seed)
     folder = Path(a.out or "out")
     if folder.suffix.lower() == ".mp4":
         raise UsageError("--out must be a folder when --prompts gives several prompts.")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file; --prompts writes a folder of videos, so name a folder.")
+    parent = folder if folder.is_dir() else (folder.parent if str(folder.parent) else Path("."))
+    if not parent.is_dir():
+        raise UsageError(f"--out {folder}: the folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {folder} cannot be written (permission denied); choose another folder.")
     return None
 
 
-def run_config(a, meta: dict):
-    from dfjax.config import CacheConfig, DummyForcingConfig, SamplingConfig, VideoShape, config_from_dict
-    from dfjax.pipeline import RunConfig
+def options(a):
+    """dfjax.api.Options from the command line (checked now, before any heavy work)."""
+    from dfjax.api import Options
 
-    defaults = meta.get("defaults", {})
-    if a.resolution:
-        height, width = RESOLUTIONS[a.resolution]
-    else:
-        height, width = a.height or defaults.get("height", 480), a.width or defaults.get("width", 832)
-    fps = a.fps or defaults.get("fps", 16)
-    if a.seconds is not None:
-        frames = int(round(a.seconds * fps))
-        frames = frames - (frames - 1) % 4  # the VAE makes 4k+1 frames
-    else:
-        frames = a.frames or defaults.get("frames", 81)
-    sampling = config_from_dict(SamplingConfig, meta.get("sampling", {}))
-    cache = CacheConfig(a.cache, a.sink_frames, a.window_frames)
-    dummy = None
-    if a.dummy_forcing or a.profile:
-        dummy = DummyForcingConfig(num_dummy=a.num_dummy, ar_start=a.ar_start,
-                                   local_context_length=a.local_context_length, packed_dummy=not a.paper_dummy,
-                                   query_rows=a.query_rows, seed=a.seed)
-    elif a.num_dummy is not None:
-        raise UsageError("--num-dummy needs --dummy-forcing.")
-    return RunConfig(video=VideoShape(height, width, frames), sampling=sampling, cache=cache, dummy=dummy,
-                     attn_impl=a.attn_impl, stream=a.stream), fps
+    dummy = a.dummy_forcing or bool(a.profile)
+    if dummy and (a.cache is not None or a.sink_frames is not None or a.window_frames is not None):
+        raise UsageError("--cache, --sink-frames and --window-frames set the cache without Dummy Forcing; Dummy "
+                         "Forcing gives each head type its own cache (--local-context-length sets the neighbour "
+                         "heads' window). Drop one of them.")
+    return Options(resolution=a.resolution, height=a.height, width=a.width, frames=a.frames,
+                   seconds=a.seconds, fps=getattr(a, "fps", None), cache=a.cache, sink_frames=a.sink_frames,
+                   window_frames=a.window_frames, dummy_forcing=dummy, num_dummy=a.num_dummy, ar_start=a.ar_start,
+                   local_context_length=a.local_context_length, paper_dummy=a.paper_dummy, query_rows=a.query_rows,
+                   stream=getattr(a, "stream", False), attn_impl=a.attn_impl, dtype=a.dtype, seed=a.seed)
 
 
 def load_plan(a, meta):
@@ -124,38 +153,56 @@ def load_plan(a, meta):
 
 
 def model_folder(a) -> Path:
-    if a.model:
+    if a.model and a.model != "demo":
         return Path(a.model)
     from dfjax.demo import demo_model_folder, is_trained
 
     folder = demo_model_folder()
     if not is_trained(folder) and not getattr(a, "quiet", False):
-        print("note: using a random-weight stand-in for the demo model (the trained demo is not installed).",
-              file=sys.stderr)
+        note("using a random-weight stand-in for the demo model (the trained demo is not installed).")
     return folder
+
+
+def note(text: str) -> None:
+    print(f"dfjax: note: {text}", file=sys.stderr)
+
+
+def warn_outside_the_demo(folder: Path, run, prompts) -> None:
+    """The demo model knows a small language at one size: say so (one line each) when asked for more."""
+    from dfjax.demo import DEMO_DEFAULTS, is_demo_folder
+    from dfjax.synthetic import unknown_words
+
+    if not is_demo_folder(folder):
+        return
+    size = (run.video.height, run.video.width)
+    if size != (DEMO_DEFAULTS["height"], DEMO_DEFAULTS["width"]):
+        note(f"the demo model was trained at {DEMO_DEFAULTS['width']}x{DEMO_DEFAULTS['height']}; at "
+             f"{size[1]}x{size[0]} expect blank or broken frames.")
+    words = sorted({w for p in prompts for w in unknown_words(p)})
+    if words:
+        note(f"the demo model does not know the word(s) {', '.join(words)} (its language: dfjax.synthetic."
+             "VOCABULARY); expect them to be ignored.")
 
 
 def cmd_generate(a) -> None:
     from dfjax import distributed as dist
+    from dfjax.api import run_config
     from dfjax.t2v import VideoModel, VideoPipeline, check_model_folder
-    from dfjax.video import check_writable
 
     info = dist.initialize(a.distributed, a.coordinator, a.num_processes, a.process_id)  # before any jax work
-    if a.negative_prompt is not None:
-        raise UsageError("--negative-prompt: these few-step Self Forcing models sample without classifier-free "
-                         "guidance, so a negative prompt would have no effect; remove it.")
+    opts = options(a)
     job = check_request(a)
     folder = model_folder(a)
     meta = check_model_folder(folder)
-    run, fps = run_config(a, meta)
+    run, fps = run_config(meta, opts)
     plan = load_plan(a, meta)
+    items = [(job.prompt, job.seed)] if job else read_prompts(a.prompts, a.seed)
+    if not a.quiet:
+        warn_outside_the_demo(folder, run, [p for p, _ in items])
     if job is None:
-        return generate_many(a, info, folder, run, fps, plan)
-    check_writable(job.out)
-    if job.out.exists() and not a.overwrite:
-        raise UsageError(f"{job.out} exists; pass --overwrite or choose another --out.")
-    pipeline = VideoPipeline(VideoModel.load(folder, a.dtype), run, plan=plan)
-    t = pipeline.make_video(job.prompt, job.seed, job.out, fps, progress=not a.quiet)
+        return generate_many(a, info, folder, run, fps, plan, items)
+    pipeline = VideoPipeline(VideoModel.load(folder, a.dtype), run, plan=plan, fps=fps)
+    t = pipeline.make_video(job.prompt, job.seed, job.out, progress=not a.quiet)
     if not a.quiet:
         print_timing(job.out, t)
     if a.save_profile and pipeline.generator.stats.last_plan is not None:
@@ -165,34 +212,74 @@ def cmd_generate(a) -> None:
         Path(a.timing_json).write_text(json.dumps([record], indent=2))
 
 
-def generate_many(a, info, folder, run, fps, plan) -> None:
+def generate_many(a, info, folder, run, fps, plan, items) -> None:
     """A prompt file over this process's data groups (dfjax.distributed): each group makes its share of
-    the videos on its own devices, writes a manifest line per video, and skips finished ones."""
+    the videos on its own devices, writes a manifest line per video, and skips finished ones (a video's name
+    carries a key of its prompt, seed and settings)."""
+    import threading
+
     from dfjax import distributed as dist
+    from dfjax import jobs as J
     from dfjax.sharding import MeshConfig
     from dfjax.t2v import VideoModel, VideoPipeline
     from dfjax.video import check_writable
 
     mesh_cfg = MeshConfig.load(a.mesh) if a.mesh else MeshConfig(data=1, tensor=1)
-    items = read_prompts(a.prompts, a.seed)
-    dist.check_agreement({"run": run, "mesh": mesh_cfg.to_dict(), "model": dist.model_fingerprint(folder),
-                          "prompts": items, "plan": plan and plan.to_json(), "versions": dist.versions()}, info)
-    work, manifest, out_dir = dist.local_work(items, a.out or "out", mesh_cfg, info, a.per_host_output)
+    settings = {"run": run, "mesh": mesh_cfg.to_dict(), "model": dist.model_fingerprint(folder),
+                "plan": plan and plan.to_json(), "fps": fps}
+    dist.check_agreement({**settings, "prompts": items, "versions": dist.versions()}, info)
+    work, manifest, out_dir = dist.local_work(items, a.out or "out", mesh_cfg, info, a.per_host_output,
+                                              settings=dist.fingerprint(settings))
     check_writable(out_dir / "probe.mp4")
+    mine = [j for w in work for j in w.jobs]
+    legacy = J.legacy_outputs(mine)
+    if legacy and info.is_main:
+        note(f"{len(legacy)} video(s) here have names of an older dfjax ({legacy[0].name}, ...), which recorded "
+             "neither the prompt nor the settings in the name; they are left as they are and made again under "
+             "names keyed by prompt, seed and settings.")
+    todo = J.pending(mine, a.overwrite)
     model = VideoModel.load(folder, a.dtype)
-    pipes = {w.group: VideoPipeline(model, run, plan=plan, mesh=w.mesh if w.mesh.size > 1 else None) for w in work}
+    pipes = {w.group: VideoPipeline(model, run, plan=plan, mesh=w.mesh if w.mesh.size > 1 else None, fps=fps)
+             for w in work}
+    done, lock = [0], threading.Lock()
+
+    def make(w, job):
+        t = pipes[w.group].make_video(job.prompt, job.seed, job.out).as_dict()
+        with lock:
+            done[0] += 1
+            if not a.quiet:
+                text = job.prompt if len(job.prompt) <= 40 else job.prompt[:39] + "..."
+                dist.log(f"[{done[0]}/{len(todo)}] {job.out.name}  {text!r}  {t['e2e_s']:.1f} s", info=info,
+                         all_processes=True)
+        return t
+
     records = dist.run_local_work(
-        work, lambda w, job: pipes[w.group].make_video(job.prompt, job.seed, job.out, fps,
-                                                       progress=info.is_main and not a.quiet).as_dict(),
-        manifest, info, overwrite=a.overwrite,
-        on_skip=lambda job: a.quiet or dist.log(f"skip {job.out} (exists; --overwrite to redo)", info=info,
-                                                all_processes=True))
+        work, make, manifest, info, overwrite=a.overwrite,
+        on_skip=lambda job: a.quiet or dist.log(f"skip {job.out.name} (made earlier with this prompt, seed and "
+                                                "settings; --overwrite to redo)", info=info, all_processes=True))
+    if not a.quiet:
+        print_summary(records, len(mine) - len(todo))
     if a.save_profile:
         saved = [p.generator.stats.last_plan for p in pipes.values() if p.generator.stats.last_plan is not None]
         if saved and info.is_main:
             saved[0].save(a.save_profile)
     if a.timing_json:
         Path(a.timing_json).write_text(json.dumps(records, indent=2))
+
+
+def print_summary(records: list[dict], skipped: int) -> None:
+    if not records:
+        print(f"{skipped} video(s) already made, none to do.")
+        return
+    t = [r["timing"] for r in records]
+    frames = sum(x["frames"] for x in t)
+    rows = [("videos made", f"{len(records)}"), ("skipped (done)", f"{skipped}"),
+            ("end to end", f"{sum(x['e2e_s'] for x in t):.1f} s ({frames / sum(x['e2e_s'] for x in t):.1f} FPS)"),
+            ("diffusion", f"{sum(x['diffusion_s'] for x in t):.1f} s "
+                          f"({frames / sum(x['diffusion_s'] for x in t):.1f} FPS)"),
+            ("compile (apart)", f"{sum(x['compile_s'] for x in t):.1f} s")]
+    for name, value in rows:
+        print(f"  {name:16s} {value}")
 
 
 def print_timing(out, t) -> None:
@@ -207,15 +294,19 @@ def print_timing(out, t) -> None:
 def cmd_calibrate(a) -> None:
     import numpy as np
 
+    from dfjax.api import run_config
     from dfjax.dummy import aggregate_profiles
-    from dfjax.t2v import VideoModel, check_model_folder
     from dfjax.pipeline import Generator
+    from dfjax.t2v import VideoModel, check_model_folder
 
-    a.dummy_forcing, a.profile = True, None
+    a.dummy_forcing, a.profile, a.stream = True, None, False
+    check_writable_file(a.out, "--out")
+    opts = options(a)
+    items = read_prompts(a.prompts, a.seed)
     folder = model_folder(a)
     meta = check_model_folder(folder)
-    run, _ = run_config(a, meta)
-    items = read_prompts(a.prompts, a.seed)
+    run, _ = run_config(meta, opts)
+    warn_outside_the_demo(folder, run, [p for p, _ in items])
     model = VideoModel.load(folder, a.dtype)
     gen = Generator(model.dit, run)
     scores = []
@@ -231,39 +322,70 @@ def cmd_calibrate(a) -> None:
 
 # ---------------------------------------------------------------- parser
 
-def add_video_options(p) -> None:
+def add_video_options(p, calibrate: bool = False) -> None:
+    """The options of a run (dfjax.api.Options); calibrate takes those its scores depend on."""
     from dfjax.kernels import attention as kernels
 
-    p.add_argument("--model", help="a converted model folder (default: the built-in demo model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", choices=sorted(RESOLUTIONS))
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81 = 21 latent frames)")
-    p.add_argument("--seconds", type=float, help="video length instead of --frames")
-    p.add_argument("--fps", type=float)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the model's)")
-    p.add_argument("--attn-impl", default="auto", choices=kernels.IMPLS,
+    p.add_argument("--model", help="a converted model folder, or 'demo' (default: the built-in demo model)")
+    p.add_argument("--seed", type=int, default=0, help="the noise seed (and Dummy Forcing's query-row sample)")
+    v = p.add_argument_group("video (default: the model folder's, else 480x832, 81 frames, 16 fps)")
+    v.add_argument("--resolution", choices=sorted(RESOLUTIONS), help="a standard size instead of --height/--width")
+    v.add_argument("--height", type=int, help="pixels, a multiple of 16")
+    v.add_argument("--width", type=int, help="pixels, a multiple of 16")
+    v.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81 = 21 latent frames)")
+    v.add_argument("--seconds", type=float, help="video length instead of --frames")
+    if not calibrate:
+        v.add_argument("--fps", type=float, help="frames per second of the mp4")
+    c = p.add_argument_group("compute")
+    c.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the model folder's)")
+    c.add_argument("--attn-impl", default="auto", choices=kernels.IMPLS,
                    help="attention kernel (default: the fastest for the device, dtype and mesh)")
-    p.add_argument("--cache", default="global", choices=["global", "local"])
-    p.add_argument("--sink-frames", type=int, default=0)
-    p.add_argument("--window-frames", type=int, default=0)
-    p.add_argument("--stream", action="store_true",
-                   help="stream batch: pipeline the denoising steps of consecutive chunks, a KV cache per step (noisy "
-                        "context, no refresh forward: a different sampler); with --mesh a group's devices are its "
-                        "stages (docs/scaling.md)")
-    df = p.add_argument_group("Dummy Forcing")
-    df.add_argument("--dummy-forcing", action="store_true")
+    if not calibrate:
+        k = p.add_argument_group("KV cache without Dummy Forcing (default: the model folder's, else global)")
+        k.add_argument("--cache", choices=["global", "local"],
+                       help="global: every earlier frame (Self Forcing); local: --sink-frames + --window-frames")
+        k.add_argument("--sink-frames", type=int, help="local cache: first frames kept for ever (LongLive: 3)")
+        k.add_argument("--window-frames", type=int,
+                       help="local cache: latest frames kept, the current chunk included (LongLive: 9)")
+        p.add_argument("--stream", action="store_true",
+                       help="stream batch: pipeline the denoising steps of consecutive chunks, a KV cache per step "
+                            "(noisy context, no refresh forward: a different sampler); with --mesh a group's "
+                            "devices are its stages (docs/scaling.md)")
+    df = p.add_argument_group("Dummy Forcing (docs/dummy-forcing.md)")
+    if not calibrate:
+        df.add_argument("--dummy-forcing", action="store_true", help="turn Dummy Forcing on")
+        df.add_argument("--profile", help="a calibration profile (JSON) from `dfjax calibrate`; skips online scoring")
     df.add_argument("--num-dummy", type=int, help="dummy heads over all layers (default: half)")
-    df.add_argument("--profile", help="a calibration profile (JSON) from `dfjax calibrate`; skips online scoring")
-    df.add_argument("--ar-start", type=int, default=1)
-    df.add_argument("--local-context-length", type=int, default=1)
-    df.add_argument("--paper-dummy", action="store_true", help="dummy heads see only the current chunk")
-    df.add_argument("--query-rows", default="release", choices=["release", "paper", "exact"])
+    df.add_argument("--ar-start", type=int,
+                    help="the chunk whose refresh is scored; the plan applies from the next (default: the model "
+                         "folder's family, else 1)")
+    df.add_argument("--local-context-length", type=int,
+                    help="chunks of history the neighbour heads keep (default: the family's, else 1)")
+    df.add_argument("--paper-dummy", action="store_true",
+                    help="dummy heads see only the current chunk (the paper) instead of the newest frame too")
+    df.add_argument("--query-rows", choices=["release", "paper", "exact"],
+                    help="query rows the scores average over (default: release)")
+
+
+EXAMPLES = """examples:
+  dfjax generate                                       the demo model's first prompt -> out.mp4
+  dfjax generate --prompt "a blue circle moves up" --out circle.mp4
+  dfjax convert self_forcing_dmd.pt models/sf --text-encoder T5.pth --vae VAE.pth --tokenizer umt5-xxl/
+  dfjax generate --model models/sf --prompt "a cat surfing" --resolution 480p --dummy-forcing
+  dfjax generate --model models/sf --prompts prompts.jsonl --out videos/ --profile profile.json
+  dfjax calibrate --model models/sf --prompts calib.txt --out profile.json
+  dfjax bench --resolutions 480p --modes baseline dummy
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dfjax", description="Dummy Forcing video generation in JAX.")
+    from dfjax import __version__
+
+    p = argparse.ArgumentParser(prog="dfjax", description="Dummy Forcing video generation in JAX.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"dfjax {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (also DFJAX_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="PyTorch checkpoints -> a dfjax model folder",
@@ -301,32 +423,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace OUT if it is a dfjax model folder (or empty); anything else is never touched")
     c.set_defaults(fn=cmd_convert)
 
-    g = sub.add_parser("generate", help="text -> mp4")
-    g.add_argument("--prompt")
+    g = sub.add_parser("generate", help="text -> mp4", description="Text to video: one prompt to an mp4, or a "
+                       "prompt file to a folder of mp4s (a rerun skips what is done).")
+    g.add_argument("--prompt", help="the video to make")
     g.add_argument("--prompts", help="a text file (one prompt per line) or JSONL with per-prompt seeds")
-    g.add_argument("--negative-prompt")
     g.add_argument("--out", help="an .mp4 (one prompt) or a folder (--prompts); default out.mp4 / out/")
-    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out video / redo finished ones")
     g.add_argument("--timing-json", help="write the timing table as JSON here")
     g.add_argument("--save-profile", help="save the Dummy Forcing plan this run used (JSON)")
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     s = g.add_argument_group("scale out (docs/scaling.md)")
     s.add_argument("--mesh", help="mesh config: a JSON/YAML file or a preset in configs/ (data x tensor)")
     s.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
                    help="jax.distributed start-up: auto-detect SLURM/MPI/TPU/`python -m dfjax.distributed launch`")
     s.add_argument("--coordinator", help="HOST:PORT of process 0 (with --num-processes and --process-id)")
-    s.add_argument("--num-processes", type=int)
-    s.add_argument("--process-id", type=int)
+    s.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
+    s.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
     s.add_argument("--per-host-output", action="store_true", help="write under OUT/process-NNNNN/")
     add_video_options(g)
     g.set_defaults(fn=cmd_generate)
 
-    k = sub.add_parser("calibrate", help="a Dummy Forcing profile from a prompt set")
-    k.add_argument("--prompts", required=True)
+    k = sub.add_parser("calibrate", help="a Dummy Forcing profile from a prompt set",
+                       description="Scores the heads on each prompt's chunk ar_start and saves one plan (DHP on the "
+                                   "mean scores) for `dfjax generate --profile`.")
+    k.add_argument("--prompts", required=True, help="a text file (one prompt per line) or JSONL")
     k.add_argument("--out", required=True, help="profile JSON to write")
-    add_video_options(k)
+    add_video_options(k, calibrate=True)
     k.set_defaults(fn=cmd_calibrate)
 
+    for command in (c, g, k):  # also after the command: `dfjax generate ... --debug`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the Python traceback of an error (also DFJAX_DEBUG=1)")
     for name, (_, text) in TOOLS.items():  # listed in the help; main() hands their arguments over
         sub.add_parser(name, help=text)
     return p
@@ -339,19 +466,53 @@ TOOLS = {"bench": ("dfjax.bench", "the speed benchmark (see README)"),
 
 
 def main(argv=None) -> int:
+    import os
+    import signal
+    import warnings
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:
         return __import__(TOOLS[argv[0]][0], fromlist=["main"]).main(argv[1:])
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("DFJAX_DEBUG") not in (None, "", "0")
+
+    def terminated(signum, frame):  # SIGTERM: unwind like Ctrl-C, so partial files are removed
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
+    warnings.formatwarning = lambda message, *rest: f"dfjax: note: {message}\n"  # one line, no source line
     try:
         t0 = time.perf_counter()
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:  # our errors carry the problem and the fix
-        print(f"dfjax: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("dfjax: interrupted; nothing half-written was left under a final name.", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # our errors carry the problem and the fix; OSError: a file the OS refused
+        if debug:
+            raise
+        print(f"dfjax: error: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not getattr(args, "quiet", False):
         print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -31,10 +31,19 @@ def is_trained(folder: Path) -> bool:
     return folder.resolve() == PACKAGED.resolve()
 
 
+def is_demo_folder(folder: Path) -> bool:
+    """The shipped demo model or its random stand-in (both know only the synthetic language at 64x64)."""
+    return is_trained(folder) or folder.resolve() == _stand_in_folder().resolve()
+
+
+def _stand_in_folder() -> Path:
+    return Path(os.environ.get("DFJAX_CACHE", Path.home() / ".cache" / "dfjax")) / "random-demo"
+
+
 def demo_model_folder() -> Path:
     if (PACKAGED / "config.json").is_file():
         return PACKAGED
-    cache = Path(os.environ.get("DFJAX_CACHE", Path.home() / ".cache" / "dfjax")) / "random-demo"
+    cache = _stand_in_folder()
     if not (cache / "config.json").is_file():
         build_random_model_folder(cache)
     return cache

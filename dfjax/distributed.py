@@ -232,7 +232,7 @@ class GroupWork:
 
 
 def local_work(items: Sequence[tuple[str, int]], out_dir: str | Path, mesh_config, info: ProcessInfo | None = None,
-               per_host: bool = False):
+               per_host: bool = False, settings: str = ""):
     """(this process's GroupWork list, its Manifest, the output folder) for a prompt list.
 
     Replicas: the jobs are dealt over all data groups of the run (dfjax.jobs.split_jobs) and this
@@ -243,7 +243,7 @@ def local_work(items: Sequence[tuple[str, int]], out_dir: str | Path, mesh_confi
     info = info or process_info()
     folder = host_output_dir(out_dir, info, per_host)
     folder.mkdir(parents=True, exist_ok=True)
-    all_jobs = J.make_jobs(items, folder)
+    all_jobs = J.make_jobs(items, folder, settings)
     if mesh_config.data_mode == "batch":
         if info.count > 1:
             raise ValueError("data_mode 'batch' runs one program over the whole mesh of one process; across "

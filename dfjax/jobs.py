@@ -2,8 +2,11 @@
 
 Everything here is plain Python (no jax), so it is tested without devices or processes.
 
-- A job is one prompt of the prompt file with its index, seed and output path. Names depend only
-  on (index, seed): `00042_seed7.mp4`, the names `dfjax generate --prompts` has always used.
+- A job is one prompt of the prompt file with its index, seed and output path. A name carries a
+  short key of what made the video (prompt, seed, and the run's settings: model, options, plan):
+  `00042_seed7_3f9c0a1b2e.mp4`, so an edited, inserted or reordered prompt, or a changed option, is
+  made again instead of being passed off by an old file. Names of older versions (`00042_seed7.mp4`,
+  no key) are never reused: legacy_outputs lists them so the command can say so.
 - The jobs are dealt round robin over the data groups of the whole run (MeshConfig.local_groups
   gives each process its groups' global indices): group g of G gets jobs g, g+G, g+2G, ... The
   split depends only on the prompt list and G, never on which files exist, so every process
@@ -18,6 +21,7 @@ Everything here is plain Python (no jax), so it is tested without devices or pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -35,14 +39,25 @@ class Job:
     out: Path
 
 
-def video_name(index: int, seed: int) -> str:
-    return f"{index:05d}_seed{seed}.mp4"
+def content_key(prompt: str, seed: int, settings: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, int(seed), settings]).encode()).hexdigest()[:10]
 
 
-def make_jobs(items: Sequence[tuple[str, int]], out_dir: str | Path) -> list[Job]:
-    """Jobs for (prompt, seed) items (cli.read_prompts), writing into out_dir."""
+def video_name(index: int, prompt: str, seed: int, settings: str = "") -> str:
+    return f"{index:05d}_seed{seed}_{content_key(prompt, seed, settings)}.mp4"
+
+
+def make_jobs(items: Sequence[tuple[str, int]], out_dir: str | Path, settings: str = "") -> list[Job]:
+    """Jobs for (prompt, seed) items (cli.read_prompts), writing into out_dir; `settings` fingerprints everything
+    else that shapes a video (the model, the run's options, the plan)."""
     out_dir = Path(out_dir)
-    return [Job(i, p, int(s), out_dir / video_name(i, int(s))) for i, (p, s) in enumerate(items)]
+    return [Job(i, p, int(s), out_dir / video_name(i, p, int(s), settings)) for i, (p, s) in enumerate(items)]
+
+
+def legacy_outputs(jobs: Iterable[Job]) -> list[Path]:
+    """Videos of these jobs' indices and seeds under the names of dfjax versions that keyed nothing else
+    (`00042_seed7.mp4`): what made them is unknown, so they are never taken for done."""
+    return [p for j in jobs if (p := j.out.with_name(f"{j.index:05d}_seed{j.seed}.mp4")).is_file()]
 
 
 def split_jobs(jobs: Sequence[Job], num_groups: int, groups: Iterable[int] | None = None) -> dict[int, list[Job]]:

@@ -19,7 +19,7 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -249,8 +249,15 @@ class Generator:
     def _add_compile(self, seconds: float) -> None:
         self.stats.compile_s += seconds
 
-    def chunks(self, text_kv, seed: int) -> Iterator[ChunkResult]:
-        """Yields each chunk's clean latents as soon as it is dispatched (device arrays, not synced)."""
+    def chunks(self, text_kv, seed: int, switch: Callable[[int], object] | None = None) -> Iterator[ChunkResult]:
+        """Yields each chunk's clean latents as soon as it is dispatched (device arrays, not synced).
+
+        switch: asked before every chunk after the first; it returns new cross-attention K/V (Generator.text_kv of
+        another prompt) for the chunks from that one on, or None to keep the current ones.
+        """
+        if switch is not None and self.run.stream:
+            raise ValueError("the stream-batch sampler cannot change the prompt during a video; use the sequential "
+                             "sampler.")
         key = jax.random.PRNGKey(seed)
         layout, params = self.first_layout, self.params
         cache = self.placement.init_cache(layout, self.cache_dtype)
@@ -261,6 +268,9 @@ class Generator:
                 for i, x0 in self._stream.chunks(params, text_kv, cache, key, c, self._add_compile):
                     yield ChunkResult(i, x0)
                 return
+            new_kv = None if switch is None or c == 0 else switch(c)
+            if new_kv is not None:
+                text_kv = new_kv
             x0, cache, scores = self._run_step(layout, probe, params, text_kv, cache, key, c)
             yield ChunkResult(c, x0)
             if df is not None and c == df.switch_chunk:

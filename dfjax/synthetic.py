@@ -26,6 +26,7 @@ distance, 0, 1)) on a dark background.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -275,6 +276,12 @@ def from_uint8(x) -> np.ndarray:
 
 
 VOCABULARY = (*COLOURS, *SHAPES, *DIRECTIONS, *"a moves turns bounces leaves the frame then comes back appears".split())
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of a prompt outside the demo language, in order of first appearance."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return list(dict.fromkeys(w for w in words if w not in VOCABULARY))
 
 
 def prompt_corpus(num: int = 2000, seed: int = 0, cfg: SyntheticConfig = SyntheticConfig()) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 from dfjax.config import WanConfig, config_from_dict
@@ -91,12 +92,104 @@ class Timing:
         return d
 
 
-class VideoPipeline:
-    """Compiles once per (run config, model) and makes any number of videos."""
+@dataclass
+class VideoChunk:
+    index: int  # the chunk's index in the video
+    frames: np.ndarray  # uint8 [t, height, width, 3]
+    prompt: str  # the prompt it was made under
 
-    def __init__(self, model: VideoModel, run: RunConfig, plan: HeadPlan | None = None, mesh=None):
+
+class VideoStream:
+    """The decoded chunks of one video, as they are made (an iterator of VideoChunk).
+
+    set_prompt() changes the prompt from the next chunk on (the cross-attention uses the new text; the frames
+    already made stay in the self-attention cache). `timing` fills in as chunks come; close() stops early.
+    """
+
+    def __init__(self, pipeline: "VideoPipeline", prompt: str, seed: int, progress: bool = False):
+        self.pipeline, self.prompt, self.seed = pipeline, check_prompt(prompt), seed
+        self.timing = Timing(frames=pipeline.run.video.frames)
+        self._pending = None
+        self._progress = progress
+        self._chunks = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> VideoChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def set_prompt(self, prompt: str) -> None:
+        if self.pipeline.run.stream:
+            raise ValueError("the stream-batch sampler cannot change the prompt during a video (its pipeline holds "
+                             "several chunks at once); use the sequential sampler (no --stream).")
+        self._pending = check_prompt(prompt)
+
+    def _text_kv(self, prompt):
+        context = self.pipeline.model.text([prompt])
+        return self.pipeline.generator.text_kv(context)
+
+    def _switch(self, chunk: int):
+        """The generator asks before each chunk: the new prompt's text K/V, or None."""
+        if self._pending is None:
+            return None
+        self.prompt, self._pending = self._pending, None
+        return self._text_kv(self.prompt)
+
+    def _run(self):
+        p, gen, t = self.pipeline, self.pipeline.generator, self.timing
+        t_start = self.started_at = time.perf_counter()
+        text_kv = jax.block_until_ready(self._text_kv(self.prompt))
+        t.text_s = time.perf_counter() - t_start
+        h, w = p.run.video.latent_hw
+        cache = init_decoder_cache(p.model.vae.cfg, 1, h, w)
+        compile_before = gen.stats.compile_s + p.compile_s
+        chunks = gen.chunks(text_kv, self.seed, switch=None if p.run.stream else self._switch)
+        bar = _progress(p.run.num_chunks, self._progress)
+        try:
+            for _ in range(p.run.num_chunks):
+                t0 = time.perf_counter()
+                c0 = gen.stats.compile_s
+                result = next(chunks)
+                x0 = result.latents.block_until_ready()
+                t1 = time.perf_counter()
+                t.diffusion_s += t1 - t0 - (gen.stats.compile_s - c0)
+                c1 = p.compile_s
+                decode = p._decoder(x0, cache)
+                t2 = time.perf_counter()
+                pixels, cache = decode(p.vae_state, x0, cache)
+                frames = to_uint8(pixels[0])
+                t3 = time.perf_counter()
+                t.vae_s += t3 - t2
+                t.chunk_s.append(t3 - t0 - (p.compile_s - c1) - (gen.stats.compile_s - c0))
+                if result.index == 0:
+                    t.first_chunk_s = time.perf_counter() - t_start - (gen.stats.compile_s + p.compile_s
+                                                                       - compile_before)
+                bar.update(1)
+                yield VideoChunk(result.index, frames, self.prompt)
+        finally:
+            bar.close()
+            chunks.close()
+        t.compile_s = gen.stats.compile_s + p.compile_s - compile_before
+        t.e2e_s = time.perf_counter() - t_start - t.compile_s
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty; describe the video to make.")
+    return prompt
+
+
+class VideoPipeline:
+    """Compiles once per (run config, model) and makes any number of videos (the Python API: dfjax.load)."""
+
+    def __init__(self, model: VideoModel, run: RunConfig, plan: HeadPlan | None = None, mesh=None,
+                 fps: float = 16.0):
         """mesh: a (data, tensor) jax Mesh this pipeline runs on (dfjax.sharding); None: one device."""
-        self.model, self.run = model, run
+        self.model, self.run, self.fps = model, run, fps
         self.generator = Generator(model.dit, run, plan=plan, mesh=mesh)
         self.vae_graphdef, self.vae_state = nnx.split(model.vae)
         if mesh is not None:
@@ -119,49 +212,30 @@ class VideoPipeline:
             self.compile_s += time.perf_counter() - t0
         return self._decode[cache.started]
 
-    def make_video(self, prompt: str, seed: int, out: str | Path, fps: float, progress: bool = False) -> Timing:
-        run = self.run
-        timing = Timing(frames=run.video.frames)
-        writer = Mp4Writer(out, fps)
+    def stream(self, prompt: str, seed: int = 0, progress: bool = False) -> VideoStream:
+        """The video's decoded chunks as they are made (see VideoStream)."""
+        return VideoStream(self, prompt, seed, progress)
+
+    def generate(self, prompt: str, seed: int = 0) -> np.ndarray:
+        """The whole video, uint8 [frames, height, width, 3]."""
+        return np.concatenate([c.frames for c in self.stream(prompt, seed)])
+
+    def make_video(self, prompt: str, seed: int, out: str | Path, fps: float | None = None,
+                   progress: bool = False) -> Timing:
+        """Writes an H.264 mp4 as the chunks come (it appears under `out` only when complete); returns the timings."""
+        writer = Mp4Writer(out, fps or self.fps)
         try:
-            t_start = time.perf_counter()
-            context = self.model.text(prompt if isinstance(prompt, list) else [prompt]).block_until_ready()
-            text_kv = jax.block_until_ready(self.generator.text_kv(context))
-            timing.text_s = time.perf_counter() - t_start
-            h, w = run.video.latent_hw
-            cache = init_decoder_cache(self.model.vae.cfg, 1, h, w)
-            compile_before = self.generator.stats.compile_s + self.compile_s
-            chunks = self.generator.chunks(text_kv, seed)
-            bar = _progress(run.num_chunks, progress)
-            for _ in range(run.num_chunks):
-                t0 = time.perf_counter()
-                c0 = self.generator.stats.compile_s
-                result = next(chunks)
-                x0 = result.latents.block_until_ready()
-                t1 = time.perf_counter()
-                timing.diffusion_s += t1 - t0 - (self.generator.stats.compile_s - c0)
-                c1 = self.compile_s
-                decode = self._decoder(x0, cache)
-                t2 = time.perf_counter()
-                pixels, cache = decode(self.vae_state, x0, cache)
-                frames = to_uint8(pixels[0])
-                t3 = time.perf_counter()
-                timing.vae_s += t3 - t2
-                timing.chunk_s.append(t3 - t0 - (self.compile_s - c1) - (self.generator.stats.compile_s - c0))
-                writer.write(frames)
-                if result.index == 0:
-                    timing.first_chunk_s = time.perf_counter() - t_start - (self.generator.stats.compile_s + self.compile_s
-                                                                            - compile_before)
-                bar.update(1)
-            bar.close()
+            stream = self.stream(prompt, seed, progress)
+            for chunk in stream:
+                writer.write(chunk.frames)
             writer.close()
-            timing.compile_s = self.generator.stats.compile_s + self.compile_s - compile_before
-            timing.e2e_s = time.perf_counter() - t_start - timing.compile_s
-            timing.write_s = writer.write_s
         except BaseException:
             writer.abort()
             raise
-        return timing
+        t = stream.timing
+        t.write_s = writer.write_s
+        t.e2e_s = time.perf_counter() - stream.started_at - t.compile_s  # the mp4 complete
+        return t
 
 
 def _progress(total: int, enabled: bool):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import html
 import io
+import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +30,7 @@ class TokenizerNotFoundError(FileNotFoundError):
 def load_tokenizer(folder: str | Path):
     """A UMT5 tokenizer from a local folder (never the network): the Wan2.1 release's google/umt5-xxl folder,
     a dfjax model folder's tokenizer/, or one written by make_tiny_tokenizer."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not its "PyTorch was not found" on every run
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -84,10 +87,19 @@ class TextEncoder:
         keys = [clean_prompt(p) for p in prompts]
         for key in dict.fromkeys(keys):
             if key not in self._cache:
+                self._warn_if_cut(key)
                 # One prompt per call: a single compiled shape, whatever the batch.
                 ids, mask = tokenize(self.tokenizer, [key], self.cfg.text_len)
                 self._cache[key] = self._encode(self._state, ids, mask)[0]
         return jnp.stack([self._cache[k] for k in keys])
+
+
+    def _warn_if_cut(self, prompt: str) -> None:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.cfg.text_len:
+            kept = self.tokenizer.decode(ids[:self.cfg.text_len - 1], skip_special_tokens=True).split()
+            warnings.warn(f"the prompt is {len(ids)} tokens and the text encoder takes {self.cfg.text_len}: it was cut "
+                          f"after \"...{' '.join(kept[-6:])}\"", stacklevel=3)
 
 
 def make_tiny_tokenizer(folder: str | Path, sentences: Sequence[str], vocab_size: int = 64) -> Path:

@@ -25,10 +25,21 @@ def items(n, seed=0):
 
 # ------------------------------------------------------------------------------------------------ split
 
-def test_make_jobs_names_are_index_and_seed(tmp_path):
-    jobs = J.make_jobs([("a cat", 7), ("a dog", 0)], tmp_path)
-    assert [j.out.name for j in jobs] == ["00000_seed7.mp4", "00001_seed0.mp4"]
+def test_job_names_are_keyed_by_what_makes_the_video(tmp_path):
+    jobs = J.make_jobs([("a cat", 7), ("a dog", 0)], tmp_path, settings="run A")
+    names = [j.out.name for j in jobs]
+    assert [n[:len("00000_seed7_")] for n in names] == ["00000_seed7_", "00001_seed0_"]
     assert [(j.index, j.prompt, j.seed) for j in jobs] == [(0, "a cat", 7), (1, "a dog", 0)]
+    assert names == [j.out.name for j in J.make_jobs([("a cat", 7), ("a dog", 0)], tmp_path, settings="run A")]
+    # an edited prompt, another seed, other settings, an inserted line: another name, so it is made again
+    for other in ([("a cat!", 7), ("a dog", 0)], [("a cat", 8), ("a dog", 0)]):
+        assert J.make_jobs(other, tmp_path, "run A")[0].out.name != names[0]
+    assert J.make_jobs([("a cat", 7)], tmp_path, "run B")[0].out.name != names[0]
+    inserted = J.make_jobs([("a bird", 7), ("a cat", 7), ("a dog", 0)], tmp_path, "run A")
+    assert {j.out.name for j in inserted}.isdisjoint(names)
+    (tmp_path / "00001_seed0.mp4").write_bytes(b"old")  # an older dfjax's name: never taken for done
+    assert J.legacy_outputs(jobs) == [tmp_path / "00001_seed0.mp4"]
+    assert J.pending(jobs) == jobs
 
 
 @pytest.mark.parametrize("n,groups", [(1, 1), (10, 3), (17, 8), (5, 8)])

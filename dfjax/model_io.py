@@ -21,6 +21,7 @@ folder is complete before the old one is moved aside and removed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -246,9 +247,12 @@ def load_params(
         target[k] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
     path = _checkpoint_dir(path)
     with ocp.StandardCheckpointer() as ckpt:
+        # Orbax/TensorStore errors of a damaged checkpoint are many and long: one line. Raised inside the except
+        # block, the error keeps Orbax's (the reads still in flight) alive as its context: dropped, those reads
+        # are cancelled and each prints an "Event loop is closed" traceback from a TensorStore thread.
         try:
             stored = _stored_shapes(ckpt.metadata(path))
-        except Exception as e:  # Orbax/TensorStore errors of a damaged checkpoint are many and long: one line
+        except Exception as e:
             raise _damaged(folder, name, e) from None
         missing = sorted(set(target) - set(stored))
         extra = sorted(set(stored) - set(target))
@@ -266,9 +270,45 @@ def load_params(
             raise _damaged(folder, name, e) from None
 
 
+def _quiet_late_reads() -> None:
+    """A failed Orbax read closes its event loop while TensorStore still reads the other arrays; each of those
+    then fails too, and Python reports it later as an unraisable exception (a RuntimeError('Event loop is
+    closed'), or a read coroutine dropped with its error and TensorStore spec): hundreds of lines after the
+    one-line error. From the first failed read on, drop exactly those; anything else goes to the previous hook."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "dfjax_late_reads", False):
+        return
+
+    def hook(unraisable):
+        exc, obj = unraisable.exc_value, unraisable.object
+        late = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        dropped_read = getattr(getattr(obj, "cr_code", None), "co_filename", "").find("orbax") >= 0
+        if not (late or dropped_read):
+            previous(unraisable)
+
+    hook.dfjax_late_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_late_read_log_filter)  # "Future exception was never retrieved"
+
+
+def _late_read_log_filter(record) -> bool:
+    """False for asyncio's report of an Orbax read future whose error nobody awaited (see _quiet_late_reads)."""
+    if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+        return True
+    tb = record.exc_info[2]
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return "OCDBT" not in str(record.exc_info[1]) and "reading array" not in str(record.exc_info[1])
+
+
 def _damaged(folder, name: str, e: BaseException) -> ModelFolderError:
     """One line for an Orbax/TensorStore failure: the most telling message of the exception chain (a
     TensorStore status such as 'NOT_FOUND: Error reading ...' where there is one)."""
+    _quiet_late_reads()
     chain, x = [], e
     while x is not None and len(chain) < 8:
         chain.append(x)
@@ -276,7 +316,7 @@ def _damaged(folder, name: str, e: BaseException) -> ModelFolderError:
     lines = [str(x).strip().splitlines()[0] for x in chain if str(x).strip()]
     status = [m for m in lines if re.match(r"[A-Z_]{4,}: ", m)]
     why = (status or lines or [type(e).__name__])[0]
-    why = why if len(why) <= 200 else why[:197] + "..."
+    why = why if len(why) <= 320 else why[:317] + "..."
     return ModelFolderError(f"{folder}: its {name} part is damaged or incomplete ({why}); convert the model again "
                             "with `dfjax convert`.")
 

@@ -30,10 +30,13 @@ class GroupLayout:
     sink_frames: int  # fixed slots
     window_frames: int  # the ring, current chunk included
     newest_heads: int = 0  # the last heads of the group: their fixed slots hold the newest clean frames
+    ring_start: int = 0  # the ring holds frames from this one on (Dummy Forcing's neighbour heads: 1, frame 0 is
+    # the sink heads'); frames before it and after the fixed slots are never written
 
     def __post_init__(self):
-        if self.num_heads < 0 or self.sink_frames < 0 or self.window_frames < 1:
-            raise ValueError(f"invalid group layout {self}: need num_heads >= 0, sink >= 0, window >= 1.")
+        if self.num_heads < 0 or self.sink_frames < 0 or self.window_frames < 1 or self.ring_start < 0:
+            raise ValueError(f"invalid group layout {self}: need num_heads >= 0, sink >= 0, window >= 1, "
+                             "ring_start >= 0.")
         if not 0 <= self.newest_heads <= self.num_heads:
             raise ValueError(f"newest_heads {self.newest_heads} out of [0, {self.num_heads}].")
         if self.newest_heads and not self.sink_frames:
@@ -43,21 +46,30 @@ class GroupLayout:
     def capacity_frames(self) -> int:
         return self.sink_frames + self.window_frames
 
+    @property
+    def ring_first(self) -> int:
+        """The first frame the ring holds."""
+        return max(self.sink_frames, self.ring_start)
+
     def slot_of_frame(self, f):
-        """Cache slot (in frames) of absolute latent frame f (may be traced)."""
-        return jnp.where(f < self.sink_frames, f, self.sink_frames + (f - self.sink_frames) % self.window_frames)
+        """Cache slot (in frames) of absolute latent frame f (may be traced); frames the group never keeps
+        (before ring_first and after the fixed slots) get -1."""
+        ring = self.sink_frames + (f - self.ring_first) % self.window_frames
+        return jnp.where(f < self.sink_frames, f, jnp.where(f < self.ring_first, -1, ring))
 
     def static_slot(self, f: int) -> int:
         """slot_of_frame for a Python int (host-side index building)."""
-        return f if f < self.sink_frames else self.sink_frames + (f - self.sink_frames) % self.window_frames
+        if f < self.sink_frames:
+            return f
+        return -1 if f < self.ring_first else self.sink_frames + (f - self.ring_first) % self.window_frames
 
     def holds(self, f: int, end: int) -> bool:
         """Whether frame f is still in the cache once frames [0, end) were written in order."""
-        return f < self.sink_frames or end - self.window_frames <= f < end
+        return f < min(self.sink_frames, end) or max(self.ring_first, end - self.window_frames) <= f < end
 
     def valid_frames(self, end):
         """Filled slots once frames [0, end) have been written (a prefix of the buffer)."""
-        return jnp.minimum(end, self.sink_frames) + jnp.clip(end - self.sink_frames, 0, self.window_frames)
+        return jnp.minimum(end, self.sink_frames) + jnp.clip(end - self.ring_first, 0, self.window_frames)
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,10 @@ class GroupKV:
             for j in range(new.shape[1] // tpf):
                 slot = self.layout.slot_of_frame(frame_start + j)
                 frame = new[:, j * tpf:(j + 1) * tpf].astype(buf.dtype)
-                buf = jax.lax.dynamic_update_slice_in_dim(buf, frame, slot * tpf, axis=1)
+                if self.layout.ring_first > self.layout.sink_frames:  # a frame it never keeps: write it back as it was
+                    old = jax.lax.dynamic_slice_in_dim(buf, jnp.maximum(slot, 0) * tpf, tpf, axis=1)
+                    frame = jnp.where(slot >= 0, frame, old)
+                buf = jax.lax.dynamic_update_slice_in_dim(buf, frame, jnp.maximum(slot, 0) * tpf, axis=1)
             return buf
 
         return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))

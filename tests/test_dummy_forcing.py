@@ -86,7 +86,7 @@ def head_masks(plan: HeadPlan, layer: int, num_chunks: int, ar_start: int, L: in
             else:  # the row of the head's type: its first frames, newest clean frames, last history chunks
                 t = plan.table[plan.head_types[layer][h]]
                 ok = own | (fk < t.first_frames) | ((fk >= j * CF - t.newest_frames) & (fk < j * CF))
-                ok |= (fk >= j * CF - t.history_chunks * CF) & (fk < end)
+                ok |= (fk >= max(j * CF - t.history_chunks * CF, t.history_from)) & (fk < end)
             masks[h, rows] = ok[None, :]
     return np.repeat(np.repeat(masks, TPF, 1), TPF, 2)
 
@@ -120,15 +120,17 @@ def oracle_loop(tm, plan, ar_start, L, seed, ctx):
     return np.concatenate(clean, axis=1)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_dummy_forcing_loop_matches_per_head_masked_oracle(models, packed):
+@pytest.mark.parametrize("packed,L", [(True, 1), (False, 1), (True, 3)],
+                         ids=["release", "paper", "release-window-reaching-frame-0"])
+def test_dummy_forcing_loop_matches_per_head_masked_oracle(models, packed, L):
+    """L=3: the neighbour heads' window reaches back to frame 0, which they do not see (as in the release)."""
     tm, model = models
-    plan = a_plan(packed=packed)
+    plan = a_plan(packed=packed, L=L)
     run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla",
-                    dummy=DummyForcingConfig(ar_start=1, local_context_length=1, packed_dummy=packed))
+                    dummy=DummyForcingConfig(ar_start=1, local_context_length=L, packed_dummy=packed))
     gen = Generator(model, run, plan=plan)
     ours = np.asarray(gen.generate(jnp.asarray(context()), seed=5))
-    ref = oracle_loop(tm, plan, ar_start=1, L=1, seed=5, ctx=context())
+    ref = oracle_loop(tm, plan, ar_start=1, L=L, seed=5, ctx=context())
     assert np.abs(ours - ref).max() < 2e-4
     assert gen.stats.trace_counts == {"step0": 1, "step1": 1}  # warm-up step, then one plan step for chunks 2, 3
 

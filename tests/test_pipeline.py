@@ -106,7 +106,7 @@ def test_dummy_forcing_with_all_neighbour_full_window_plan_equals_baseline():
     """A plan where every head is a neighbour head with a window over the whole video is the baseline."""
     model = make_model()
     base = Generator(model, RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla")).generate(context())
-    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, standard_table(3))
+    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, standard_table(3, neighbour_sees_frame0=True))
     df = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla",
                    dummy=DummyForcingConfig(ar_start=0, local_context_length=3))
     gen = Generator(model, df, plan=plan)

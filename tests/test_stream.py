@@ -88,7 +88,7 @@ def test_dummy_forcing_streams_after_its_plan_is_fixed():
     """Prefill = chunks 0..ar_start of the sequential Dummy Forcing loop; with a plan whose heads are all neighbour
     heads over the whole video, the stream after it equals the baseline's stream."""
     model = make_model()
-    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, standard_table(6))
+    plan = HeadPlan.uniform(CFG.num_layers, CFG.num_heads, NEIGHBOUR, standard_table(6, neighbour_sees_frame0=True))
     df = DummyForcingConfig(ar_start=0, local_context_length=6)
     out = Generator(model, RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla", dummy=df, stream=True),
                     plan=plan).generate(context(), seed=1)

@@ -9,7 +9,7 @@ The standard table (the public release, and the paper's variant):
   sink       the video's first latent frame                      scored by the sink mass
   dummy      the newest clean latent frame (release, "packed")   no history score: DHP makes the N cheapest
              or nothing (paper)                                   heads dummy
-  neighbour  the last local_context_length chunks                scored by the neighbour mass
+  neighbour  the last local_context_length chunks (not frame 0)  scored by the neighbour mass
 
 Heads of types with the same cache shape (fixed frames, history chunks) share one cache group, so one attention
 call: the release's sink and packed dummy heads both keep one frame plus the chunk (its Packed Attention
@@ -33,9 +33,11 @@ class HeadType:
     newest_frames: int = 0  # the newest clean latent frames, replaced at every cache refresh
     history_chunks: int = 0  # the most recent chunks before the current one
     score: int | None = None  # SCORE_COLUMNS index of the history mass this type keeps; None: it keeps none
+    history_from: int = 0  # the first frame its history may hold (the release's neighbour heads: 1, since frame 0
+    # is the sink heads'; it matters once the history reaches back to frame 0, as long windows do)
 
     def __post_init__(self):
-        if min(self.first_frames, self.newest_frames, self.history_chunks) < 0:
+        if min(self.first_frames, self.newest_frames, self.history_chunks, self.history_from) < 0:
             raise ValueError(f"head type {self.name!r}: frame and chunk counts must be >= 0.")
         if self.first_frames and self.newest_frames:
             raise ValueError(f"head type {self.name!r}: its fixed slots hold the first or the newest frames, "
@@ -48,9 +50,9 @@ class HeadType:
         return self.first_frames + self.newest_frames
 
     @property
-    def cache_shape(self) -> tuple[int, int]:
-        """(fixed frames, history chunks): types with the same shape share a cache group."""
-        return self.fixed_frames, self.history_chunks
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(fixed frames, history chunks, first history frame): types with the same shape share a cache group."""
+        return self.fixed_frames, self.history_chunks, self.history_from
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,19 @@ class HeadTable:
 SINK, NEIGHBOUR, DUMMY = 0, 1, 2  # the standard table's codes (profile files use them)
 
 
-def standard_table(local_context_length: int = 1, packed_dummy: bool = True) -> HeadTable:
-    """The release's head types (packed_dummy) or the paper's (dummy heads see the current chunk only)."""
+def standard_table(local_context_length: int = 1, packed_dummy: bool = True,
+                   neighbour_sees_frame0: bool = False) -> HeadTable:
+    """The release's head types (packed_dummy) or the paper's (dummy heads see the current chunk only).
+
+    neighbour_sees_frame0: the release's neighbour heads never see frame 0 (it is the sink heads'), also when their
+    window reaches back to it; True lets it stay in their window while it fits (one cache layout for everyone:
+    an all-neighbour plan with a window over the whole video is then the dense baseline)."""
     if local_context_length < 0:
         raise ValueError(f"local_context_length must be >= 0 (chunks kept by neighbour heads; the release uses 1), "
                          f"got {local_context_length}")
     return HeadTable((
         HeadType("sink", SINK, first_frames=1, score=0),
         HeadType("dummy", DUMMY, newest_frames=1 if packed_dummy else 0),
-        HeadType("neighbour", NEIGHBOUR, history_chunks=local_context_length, score=1),
+        HeadType("neighbour", NEIGHBOUR, history_chunks=local_context_length, score=1,
+                 history_from=0 if neighbour_sees_frame0 else 1),
     ))

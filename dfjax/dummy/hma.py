@@ -43,7 +43,8 @@ def plan_layout(plan: HeadPlan, tokens_per_frame: int, chunk_frames: int) -> Att
             t0, n = segment[0][0], sum(c for _, c in segment)
             if n:
                 newest = sum(c for t, c in segment if t.newest_frames)
-                groups.append(GroupLayout(n, t0.fixed_frames, (t0.history_chunks + 1) * chunk_frames, newest))
+                groups.append(GroupLayout(n, t0.fixed_frames, (t0.history_chunks + 1) * chunk_frames, newest,
+                                          ring_start=t0.history_from))
         layers.append(tuple(groups))
     return AttentionLayout(tuple(layers), tokens_per_frame, chunk_frames)
 
@@ -106,7 +107,7 @@ def transition_cache(cache: KVCache, layout_b: AttentionLayout, plan: HeadPlan, 
                     src = buf[:, :, h:h + count]
                     slots = [(f, g.static_slot(f)) for f in range(min(t.first_frames, end))]
                     slots += [(f, g.static_slot(f)) for f in range(max(0, end - t.history_chunks * cf), end)
-                              if f >= g.sink_frames]  # the ring; earlier frames are the fixed slots' business
+                              if f >= g.ring_first]  # the ring; earlier frames are the fixed slots' or nobody's
                     slots += [(f, j) for j, f in enumerate(range(end - t.newest_frames, end))]
                     for f, s in slots:
                         new = new.at[:, s * tpf:(s + 1) * tpf, h - h0:h - h0 + count].set(frame(src, g_a, f))

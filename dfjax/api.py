@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfjax.config import RESOLUTIONS
+from dfjax.config import LONG_CONTEXT_BASELINES, RESOLUTIONS
 
 
 class OptionError(ValueError):
@@ -46,6 +46,7 @@ class Options:
     local_context_length: int | None = None
     paper_dummy: bool = False  # dummy heads see only the current chunk
     query_rows: str | None = None  # "release", "paper", "exact"
+    long_context: str | int | None = None  # a baseline of LONG_CONTEXT_BASELINES, or its latent frames per chunk
     stream: bool = False  # the stream-batch sampler (dfjax.stream)
     attn_impl: str = "auto"
     dtype: str | None = None  # compute dtype
@@ -76,7 +77,11 @@ class Options:
             raise OptionError(f"query_rows must be 'release', 'paper' or 'exact', got {self.query_rows!r}.")
         if self.dtype not in (None, "bfloat16", "float32"):
             raise OptionError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}.")
-        dummy_only = [n for n in ("num_dummy", "ar_start", "local_context_length", "query_rows")
+        if isinstance(self.long_context, str) and self.long_context not in LONG_CONTEXT_BASELINES:
+            if not self.long_context.isdigit():
+                raise OptionError(f"long_context {self.long_context!r}: give a baseline "
+                                  f"({', '.join(LONG_CONTEXT_BASELINES)}) or its latent frames per chunk.")
+        dummy_only = [n for n in ("num_dummy", "ar_start", "local_context_length", "query_rows", "long_context")
                       if getattr(self, n) is not None] + (["paper_dummy"] if self.paper_dummy else [])
         if dummy_only and not self.dummy_forcing:
             raise OptionError(f"{', '.join(dummy_only)} set without Dummy Forcing; turn it on (--dummy-forcing).")
@@ -111,10 +116,18 @@ def run_config(meta: dict, opts: Options):
         dummy = DummyForcingConfig(
             num_dummy=opts.num_dummy, ar_start=pick(opts.ar_start, family.get("ar_start", 1)),
             local_context_length=pick(opts.local_context_length, family.get("local_context_length", 1)),
-            packed_dummy=not opts.paper_dummy, query_rows=pick(opts.query_rows, "release"), seed=opts.seed)
+            packed_dummy=not opts.paper_dummy, query_rows=pick(opts.query_rows, "release"), seed=opts.seed,
+            long_context=long_context_frames(opts.long_context))
     run = RunConfig(video=VideoShape(height, width, frames), sampling=sampling, cache=cache, dummy=dummy,
                     attn_impl=opts.attn_impl, stream=opts.stream)
     return run, fps
+
+
+def long_context_frames(value) -> int | None:
+    """A long-context baseline (a name of LONG_CONTEXT_BASELINES or a number) in latent frames per chunk."""
+    if value is None:
+        return None
+    return LONG_CONTEXT_BASELINES[value] if value in LONG_CONTEXT_BASELINES else int(value)
 
 
 def load(model: str | Path | None = None, *, profile=None, mesh=None, **options):

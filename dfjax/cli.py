@@ -138,6 +138,7 @@ def options(a):
                    seconds=a.seconds, fps=getattr(a, "fps", None), cache=a.cache, sink_frames=a.sink_frames,
                    window_frames=a.window_frames, dummy_forcing=dummy, num_dummy=a.num_dummy, ar_start=a.ar_start,
                    local_context_length=a.local_context_length, paper_dummy=a.paper_dummy, query_rows=a.query_rows,
+                   long_context=a.long_context,
                    stream=getattr(a, "stream", False), attn_impl=a.attn_impl, dtype=a.dtype, seed=a.seed)
 
 
@@ -205,6 +206,11 @@ def cmd_generate(a) -> None:
     t = pipeline.make_video(job.prompt, job.seed, job.out, progress=not a.quiet)
     if not a.quiet:
         print_timing(job.out, t)
+        plan = pipeline.generator.stats.last_plan
+        if plan is not None:
+            from dfjax.dummy.forcing import context_summary
+
+            print("  plan: " + context_summary(plan, run.sampling.chunk_frames, run.dummy.long_context))
     if a.save_profile and pipeline.generator.stats.last_plan is not None:
         pipeline.generator.stats.last_plan.save(a.save_profile)
     if a.timing_json:
@@ -365,6 +371,10 @@ def add_video_options(p, calibrate: bool = False) -> None:
                     help="dummy heads see only the current chunk (the paper) instead of the newest frame too")
     df.add_argument("--query-rows", choices=["release", "paper", "exact"],
                     help="query rows the scores average over (default: release)")
+    df.add_argument("--long-context", metavar="BASELINE",
+                    help="long-context mode: the neighbour heads' window as long as the attention a baseline spends "
+                         "per chunk allows: longlive (3 sink + 9 frames), self-forcing (21 frames), or the "
+                         "baseline's latent frames per chunk")
 
 
 EXAMPLES = """examples:

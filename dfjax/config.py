@@ -172,6 +172,9 @@ class VideoShape:
 
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "1080p": (1088, 1920)}
+# Baselines whose attention cost per chunk a long-context plan matches, in latent frames a chunk attends to (its own
+# included): LongLive's local window (3 sink + 9 frames) and Self Forcing's longest context (21 frames, 81 frames).
+LONG_CONTEXT_BASELINES = {"longlive": 12, "self-forcing": 21}
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,14 @@ class DummyForcingConfig:
     query_rows: str = "release"  # scored query rows: "release", "paper", "exact" or "fraction"
     query_fraction: float | None = None  # for query_rows="fraction"
     seed: int = 0  # seeds the query-row sample
+    # Long-context mode: the neighbour heads' window is made as long as the attention a baseline spends per chunk
+    # allows, the baseline seeing this many latent frames per chunk (its current chunk included; LongLive's 3 sink +
+    # 9 window: 12). None: the window is local_context_length chunks.
+    long_context: int | None = None
 
     def __post_init__(self):
+        if self.long_context is not None and self.long_context < 1:
+            raise ValueError(f"long_context must be >= 1 latent frames, got {self.long_context}.")
         if self.ar_start < 0:
             raise ValueError(f"ar_start must be >= 0, got {self.ar_start}.")
         if self.local_context_length < 0:

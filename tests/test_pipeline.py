@@ -146,3 +146,24 @@ def test_first_chunk_schedule_applies_to_chunk_zero_only():
     assert not np.allclose(out[:, :2], ref_four[:, :2], atol=1e-3)
     assert not np.allclose(out[:, 2:], ref_two[:, 2:], atol=1e-3)
     assert gen.stats.trace_counts == {"step0": 1, "step1": 1}
+
+
+def test_long_context_plan_spends_the_baselines_attention_on_the_neighbour_heads():
+    """The neighbour window is the longest whole number of chunks whose attention per chunk stays within the
+    baseline's (every head seeing `long_context` frames); the plan records it and the run uses it."""
+    from dfjax.dummy.forcing import attention_frames, long_context_plan
+
+    cf = SAMPLING.chunk_frames
+    run = RunConfig(video=VideoShape(height=32, width=48, frames=45), sampling=SAMPLING, attn_impl="xla",
+                    dummy=DummyForcingConfig(ar_start=1, num_dummy=4, long_context=6))
+    gen = Generator(make_model(), run)
+    gen.generate(context(), seed=0)
+    plan = gen.stats.last_plan
+    nbr = plan.table[NEIGHBOUR]
+    count = sum(row.count(NEIGHBOUR) for row in plan.head_types)
+    assert count > 0 and nbr.history_chunks > 1  # longer than local_context_length's 1 chunk
+    budget = CFG.num_layers * CFG.num_heads * 6
+    assert budget - count * cf < attention_frames(plan, cf) <= budget
+    assert long_context_plan(plan, 6, cf) == plan  # sizing is idempotent (a saved profile keeps its window)
+    layout = gen.dummy.layout(plan)
+    assert max(g.window_frames for layer in layout.layers for g in layer) == (nbr.history_chunks + 1) * cf

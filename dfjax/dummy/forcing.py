@@ -8,6 +8,7 @@ into the table's order, the caches rebuilt per cache group (hma.transition_cache
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cached_property
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from dfjax.cache import AttentionLayout
 from dfjax.config import DummyForcingConfig
 from dfjax.dummy import hma
-from dfjax.dummy.heads import standard_table
+from dfjax.dummy.heads import HeadTable, standard_table
 from dfjax.dummy.mesh import shardable_plan
 from dfjax.dummy.plan import HeadPlan
 from dfjax.dummy.scores import QueryRowSampling, ScoreProbe
@@ -59,7 +60,10 @@ class DummyForcing:
         return None if per_layer[0] is None else np.stack(per_layer)
 
     def rounded(self, plan: HeadPlan) -> HeadPlan:
-        return plan if self.tensor == 1 else shardable_plan(plan, self.tensor)
+        """The plan rounded to the mesh, then (long-context mode) its neighbour window sized."""
+        plan = plan if self.tensor == 1 else shardable_plan(plan, self.tensor)
+        return plan if self.cfg.long_context is None else long_context_plan(plan, self.cfg.long_context,
+                                                                            self.first_layout.chunk_frames)
 
     def plan_from_scores(self, scores: np.ndarray) -> HeadPlan:
         """DHP on the host from one video's frame attention scores [layers, heads, 3]."""
@@ -68,3 +72,40 @@ class DummyForcing:
 
     def layout(self, plan: HeadPlan) -> AttentionLayout:
         return hma.plan_layout(plan, self.first_layout.tokens_per_frame, self.first_layout.chunk_frames)
+
+
+def attention_frames(plan: HeadPlan, chunk_frames: int) -> int:
+    """The latent frames all heads of all layers attend to per chunk once the caches are full (the attention cost
+    of a chunk, in units of heads x frames)."""
+    cost = {t.code: t.fixed_frames + (t.history_chunks + 1) * chunk_frames for t in plan.table.types}
+    return sum(cost[code] for row in plan.head_types for code in row)
+
+
+def long_context_plan(plan: HeadPlan, baseline_frames: int, chunk_frames: int) -> HeadPlan:
+    """The plan with its neighbour heads' history as long as the attention of a baseline whose every head sees
+    `baseline_frames` frames per chunk allows (whole chunks, never shorter than the plan's own): the paper's
+    long-context mode, which spends what the dummy heads save on the heads that use history."""
+    nbr = max(plan.table.history, key=lambda t: t.history_chunks)  # the standard table's neighbour type
+    count = sum(row.count(nbr.code) for row in plan.head_types)
+    if not count:
+        return plan
+    budget = plan.num_layers * plan.num_heads * baseline_frames
+    others = attention_frames(plan, chunk_frames) - count * (nbr.history_chunks + 1) * chunk_frames
+    chunks = max(nbr.history_chunks, (budget - others) // (count * chunk_frames) - 1)
+    table = HeadTable(tuple(dataclasses.replace(t, history_chunks=chunks) if t is nbr else t
+                            for t in plan.table.types))
+    return HeadPlan(plan.head_types, table, scores=plan.scores, normalize=plan.normalize)
+
+
+def context_summary(plan: HeadPlan, chunk_frames: int, baseline_frames: int | None = None) -> str:
+    """What each head type sees besides its chunk, in frames; with a baseline, the neighbour heads' context
+    against it and the attention cost against its."""
+    text = plan.describe(chunk_frames)
+    if baseline_frames is None:
+        return text
+    nbr = max(plan.table.history, key=lambda t: t.history_chunks)
+    context, base = nbr.history_chunks * chunk_frames, baseline_frames - chunk_frames
+    cost = attention_frames(plan, chunk_frames) / (plan.num_layers * plan.num_heads * baseline_frames)
+    return (f"{text}. Long context: the {nbr.name} heads see {context} earlier frames, a baseline of "
+            f"{baseline_frames} frames a chunk sees {base} ({context / max(base, 1):.2f}x), at "
+            f"{100 * cost:.0f} % of its attention per chunk")

@@ -135,17 +135,19 @@ class HeadPlan:
                 f"this model has {num_layers} layers x {num_heads} heads; calibrate a profile for this model"
             )
 
-    def describe(self) -> str:
-        """One line: how many heads of each type, and what each type sees besides the current chunk."""
+    def describe(self, chunk_frames: int) -> str:
+        """One line: how many heads of each type, and what each sees besides the current chunk, in latent frames."""
         count = lambda t: sum(row.count(t.code) for row in self.head_types)
 
         def sees(t):
-            parts = [f"{t.first_frames} first frame(s)"] if t.first_frames else []
+            parts = [f"the first {t.first_frames} frame(s)"] if t.first_frames else []
             parts += [f"the newest {t.newest_frames} frame(s)"] if t.newest_frames else []
-            parts += [f"{t.history_chunks} earlier chunk(s)"] if t.history_chunks else []
+            if t.history_chunks:
+                parts += [f"the last {t.history_chunks * chunk_frames} frames"
+                          + (f" (none before frame {t.history_from})" if t.history_from else "")]
             return " + ".join(parts) or "nothing earlier"
 
-        return "; ".join(f"{count(t)} {t.name} ({sees(t)})" for t in self.table.types)
+        return "; ".join(f"{count(t)} {t.name} heads see {sees(t)}" for t in self.table.types)
 
     # ---- calibration profile (JSON) ----
 

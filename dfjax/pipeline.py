@@ -113,6 +113,39 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_in
     return x0, cache, probed
 
 
+def free_bytes(devices) -> int | None:
+    """Memory free on the first of `devices` (host memory for the CPU), or None where the backend does not say."""
+    import os
+
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    if devices[0].platform == "cpu" and hasattr(os, "sysconf"):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def check_length(cfg, run: RunConfig, layout: AttentionLayout, batch: int, placement) -> None:
+    """Refuses, before any work, a video longer than RoPE's positions or whose KV cache cannot fit in memory."""
+    frames = run.video.latent_frames
+    if frames > cfg.rope_max_pos:
+        longest = VideoShape.frames_for_latents(cfg.rope_max_pos)
+        raise ValueError(f"{run.video.frames} frames are {frames} latent frames, past the {cfg.rope_max_pos} positions "
+                         f"of the model's RoPE tables (at most {longest} frames, {longest / 16 / 60:.1f} min at 16 "
+                         "fps); make a shorter video.")
+    copies = len(run.sampling.denoising_steps) if run.stream else 1  # stream batch: a cache per denoising step
+    shards = placement.tensor * (1 if placement.mesh is None else placement.mesh.shape["data"])
+    need = layout.cache_bytes(batch, cfg.head_dim, jnp.dtype(dtype_of(cfg.dtype)).itemsize) * copies // shards
+    devices = jax.devices() if placement.mesh is None else list(placement.mesh.devices.flat)
+    free = free_bytes(devices)
+    if free is not None and need > 0.9 * free:
+        fix = ("use --cache local (LongLive's window: --cache local --sink-frames 3 --window-frames 9) or "
+               "--dummy-forcing, whose caches do not grow with the video" if run.cache.kind == "global" and
+               run.dummy is None else "make the video shorter or smaller")
+        raise ValueError(f"the KV cache of this run needs {need / 2**30:.1f} GiB per device and "
+                         f"{free / 2**30:.1f} GiB are free; {fix}.")
+
+
 @dataclass
 class ChunkResult:
     index: int
@@ -177,6 +210,7 @@ class Generator:
             run.dummy, cfg.num_layers, cfg.num_heads, tpf, run.sampling.chunk_frames, run.num_chunks, plan,
             self.placement.tensor)
         self.first_layout = base_layout(cfg, run) if self.dummy is None else self.dummy.first_layout
+        check_length(cfg, run, self.first_layout, batch, self.placement)
         self._text_kv = self.placement.jit(lambda params, ctx: nnx.merge(self.graphdef, params).text_kv(ctx),
                                            out_shardings=self.placement.text_kv_shardings)
         # one compiled program for every plan: the permutation is a traced argument

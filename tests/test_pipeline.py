@@ -167,3 +167,16 @@ def test_long_context_plan_spends_the_baselines_attention_on_the_neighbour_heads
     assert long_context_plan(plan, 6, cf) == plan  # sizing is idempotent (a saved profile keeps its window)
     layout = gen.dummy.layout(plan)
     assert max(g.window_frames for layer in layout.layers for g in layer) == (nbr.history_chunks + 1) * cf
+
+
+def test_lengths_that_cannot_work_are_refused_before_any_work(monkeypatch):
+    """Past RoPE's 1024 positions (it would silently repeat the last one), and a global cache larger than memory
+    (the fix named: a local window or Dummy Forcing, whose caches do not grow with the video)."""
+    from dfjax import pipeline
+
+    long = VideoShape(height=32, width=48, frames=VideoShape.frames_for_latents(1026))
+    with pytest.raises(ValueError, match="past the 1024 positions of the model's RoPE tables"):
+        Generator(make_model(), RunConfig(video=long, sampling=SAMPLING, attn_impl="xla"))
+    monkeypatch.setattr(pipeline, "free_bytes", lambda devices: 10_000)
+    with pytest.raises(ValueError, match="needs .* GiB per device.*--cache local.*--dummy-forcing"):
+        Generator(make_model(), RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla"))

@@ -69,6 +69,35 @@ def read_prompts(path: str | Path, default_seed: int) -> list[tuple[str, int]]:
     return items
 
 
+def read_timeline(path: str | Path) -> list[tuple[int, float, str]]:
+    """JSONL lines {"start": SECONDS, "prompt": "..."}: [(line number, start, prompt)], the first at 0, in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"timeline file {path} does not exist.")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            start, prompt = float(obj["start"]), obj["prompt"]
+            if set(obj) - {"start", "prompt"}:
+                raise ValueError(f"unknown key(s) {sorted(set(obj) - {'start', 'prompt'})}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{path}:{n}: expected a JSON object {{\"start\": SECONDS, \"prompt\": TEXT}}: {e}.")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"{path}:{n}: the prompt is empty; describe what the video shows from {start} s on.")
+        if not out and start != 0:
+            raise UsageError(f"{path}:{n}: the first prompt must start at 0 (it starts the video), not {start}.")
+        if out and start <= out[-1][1]:
+            raise UsageError(f"{path}:{n}: starts at {start} s, not after line {out[-1][0]}'s {out[-1][1]} s; sort "
+                             "the lines and give each its own time.")
+        out.append((n, start, prompt))
+    if not out:
+        raise UsageError(f"timeline file {path} has no lines; give one JSON object per line.")
+    return out
+
+
 def check_writable_file(path: str | Path, what: str) -> Path:
     """A file we will write later: refused now if its folder is missing or read-only or it names a folder."""
     import os
@@ -90,12 +119,16 @@ def check_request(a) -> Job | None:
 
     from dfjax.video import check_writable
 
+    if a.timeline:
+        if a.prompt is not None or a.prompts is not None:
+            raise UsageError("--timeline gives the prompts (its first line starts the video); drop --prompt/--prompts.")
+        a.prompt = read_timeline(a.timeline)[0][2]
     if a.prompt is None and a.prompts is None and a.model in (None, "demo"):  # `dfjax generate` alone: the demo
         from dfjax.demo import DEMO_PROMPTS
 
         a.prompt = DEMO_PROMPTS[0]
     if (a.prompt is None) == (a.prompts is None):
-        raise UsageError("give exactly one of --prompt TEXT or --prompts FILE.")
+        raise UsageError("give exactly one of --prompt TEXT, --prompts FILE or --timeline FILE.")
     for path, what in ((a.timing_json, "--timing-json"), (a.save_profile, "--save-profile")):
         if path:
             check_writable_file(path, what)
@@ -202,8 +235,19 @@ def cmd_generate(a) -> None:
         warn_outside_the_demo(folder, run, [p for p, _ in items])
     if job is None:
         return generate_many(a, info, folder, run, fps, plan, items)
+    timeline = []
+    if a.timeline:
+        from dfjax.t2v import switch_chunks
+
+        lines = read_timeline(a.timeline)[1:]
+        timeline = [(start, prompt) for _, start, prompt in lines]
+        switch_chunks(timeline, run, fps, [f"{a.timeline}:{n}" for n, _, _ in lines])  # past the end: fail now
+        if run.stream:
+            raise UsageError("--timeline: the stream-batch sampler cannot change the prompt during a video; drop "
+                             "--stream.")
     pipeline = VideoPipeline(VideoModel.load(folder, a.dtype), run, plan=plan, fps=fps)
-    t = pipeline.make_video(job.prompt, job.seed, job.out, progress=not a.quiet)
+    t = pipeline.make_video(job.prompt, job.seed, job.out, progress=not a.quiet, timeline=timeline,
+                            recache=not a.no_recache)
     if not a.quiet:
         print_timing(job.out, t)
         plan = pipeline.generator.stats.last_plan
@@ -326,6 +370,62 @@ def cmd_calibrate(a) -> None:
           f"{len(items)} prompt(s); mean current-chunk mass {float(np.mean(mean[..., 2])):.3f}")
 
 
+# ---------------------------------------------------------------- serve
+
+SERVE_NEEDS = {"starlette": "starlette", "uvicorn": "uvicorn", "websockets": "websockets",
+               "prometheus_client": "prometheus-client", "PIL": "pillow"}
+
+
+def cmd_serve(a) -> None:
+    """The live server (dfjax.serve, docs/serve.md): loads and compiles at start-up, then serves the page, the
+    WebSocket sessions and the HTTP batch API until Ctrl-C."""
+    import dataclasses
+    import importlib.util
+
+    from dfjax.api import load, run_config
+    from dfjax.t2v import check_model_folder
+
+    missing = [pkg for mod, pkg in SERVE_NEEDS.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise UsageError(f"dfjax serve needs {', '.join(missing)}: pip install 'dfjax[serve]'.")
+    from dfjax.demo import DEMO_PROMPTS, is_demo_folder
+    from dfjax.serve import ServeConfig, serve
+
+    opts = options(a)
+    folder = model_folder(a)
+    meta = check_model_folder(folder)
+    run, fps = run_config(meta, opts)
+    plan = load_plan(a, meta)
+    demo = is_demo_folder(folder)
+    if a.warmup_prompt is not None and not a.warmup_prompt.strip():
+        raise UsageError("--warmup-prompt is empty.")
+    cfg = ServeConfig(host=a.host, port=a.port, queue_size=a.queue_size, max_prompt_chars=a.max_prompt_chars,
+                      allow_origins=tuple(a.allow_origin or ()), default_seed=a.seed,
+                      warmup_prompt=a.warmup_prompt or (DEMO_PROMPTS[0] if demo else ServeConfig.warmup_prompt),
+                      examples=tuple(DEMO_PROMPTS) if demo else (), model_name="demo" if demo else folder.name)
+    mesh = None
+    if a.mesh:
+        from dfjax.sharding import MeshConfig
+
+        mesh_cfg = MeshConfig.load(a.mesh)
+        if mesh_cfg.device_grid().shape[0] != 1:
+            raise UsageError(f"--mesh {a.mesh}: dfjax serve runs one session at a time on one group of devices; "
+                             "give a mesh with data 1 (tensor-parallel heads, or --stream stages).")
+        mesh = mesh_cfg.mesh()
+    warn_outside_the_demo(folder, run, [cfg.warmup_prompt])
+
+    def notes(prompt: str) -> list[str]:
+        if not demo:
+            return []
+        from dfjax.synthetic import unknown_words
+
+        words = unknown_words(prompt)
+        return [f"the demo model does not know the word(s) {', '.join(sorted(set(words)))}; expect them to be "
+                "ignored."] if words else []
+
+    serve(lambda: load(folder, profile=plan, mesh=mesh, **dataclasses.asdict(opts)), cfg, notes, run=run, fps=fps)
+
+
 # ---------------------------------------------------------------- parser
 
 def add_video_options(p, calibrate: bool = False) -> None:
@@ -437,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "prompt file to a folder of mp4s (a rerun skips what is done).")
     g.add_argument("--prompt", help="the video to make")
     g.add_argument("--prompts", help="a text file (one prompt per line) or JSONL with per-prompt seeds")
+    g.add_argument("--timeline", help='prompts that change during the video: JSONL lines {"start": SECONDS, '
+                                      '"prompt": TEXT}, the first at 0 (docs/long-video.md)')
+    g.add_argument("--no-recache", action="store_true",
+                   help="at a prompt switch keep the KV cache made under the old prompt (default: recompute it)")
     g.add_argument("--out", help="an .mp4 (one prompt) or a folder (--prompts); default out.mp4 / out/")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out video / redo finished ones")
     g.add_argument("--timing-json", help="write the timing table as JSON here")
@@ -461,7 +565,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_video_options(k, calibrate=True)
     k.set_defaults(fn=cmd_calibrate)
 
-    for command in (c, g, k):  # also after the command: `dfjax generate ... --debug`
+    sv = sub.add_parser("serve", help="a live browser front end and HTTP API",
+                        description="Loads and compiles the model, then serves a web page that plays the video as it "
+                                    "is made and changes its prompt while it plays (a WebSocket session), an HTTP "
+                                    "batch API (a prompt -> an mp4), /health and /metrics (Prometheus). One session "
+                                    "at a time; others wait in a bounded queue. docs/serve.md has the protocol.")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 lets every machine "
+                         "that reaches this one use the model, with no authentication)")
+    sv.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0: any free one, printed)")
+    sv.add_argument("--queue-size", type=int, default=4,
+                    help="sessions and batch jobs that may wait for the device; more get a busy answer (default 4)")
+    sv.add_argument("--max-prompt-chars", type=int, default=2000, help="the longest prompt taken (default 2000)")
+    sv.add_argument("--warmup-prompt",
+                    help="the prompt of the start-up video that compiles everything (and, with online Dummy Forcing, "
+                         "whose head plan every session keeps)")
+    sv.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                    help="a web origin (https://host:port) whose pages may open sessions, besides the server's own "
+                         "page; repeat for more")
+    sv.add_argument("--mesh", help="mesh config with data 1 (tensor-parallel heads, or the stages of --stream)")
+    add_video_options(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    for command in (c, g, k, sv):  # also after the command: `dfjax generate ... --debug`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the Python traceback of an error (also DFJAX_DEBUG=1)")
     for name, (_, text) in TOOLS.items():  # listed in the help; main() hands their arguments over

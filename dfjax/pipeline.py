@@ -80,13 +80,14 @@ def base_layout(model_cfg, run: RunConfig) -> AttentionLayout:
     return AttentionLayout.uniform(model_cfg.num_layers, model_cfg.num_heads, sink, window, tpf, cf)
 
 
-def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_input=None, *, shape, rope,
+def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_input, clean, replay, *, shape, rope,
                 call: ChunkCall):
     """All forwards of one chunk: returns (x0 of the last denoising step, cache after the refresh, probe output).
 
     schedule: (timesteps of the n + 1 forwards, sigmas of the n steps, the sigmas after them), traced. With a
     probe in `call`, its outputs summed over the chunk's forwards (it gives zeros where it does not measure);
-    None without one.
+    None without one. replay (a traced bool): only the refresh forward runs, on the given clean latents (a
+    re-cache after a prompt switch); the same compiled program serves both.
     """
     model = nnx.merge(graphdef, params)
     timesteps, sigmas, next_sigmas = schedule
@@ -94,7 +95,7 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_in
     sig = jnp.append(sigmas, 0.0)  # at the refresh forward x0 = x - 0*flow keeps x0
     nxt = jnp.append(next_sigmas, 0.0)
     cf = shape[1]
-    x = chunk_noise(key, chunk, 0, shape)
+    x = jnp.where(replay, clean, chunk_noise(key, chunk, 0, shape))
     cfg = model.cfg
     probed = None if call.probe is None else call.probe.zeros(cfg.num_layers, cfg.num_heads)
 
@@ -109,7 +110,8 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_in
         x = renoise(x0, chunk_noise(key, chunk, i + 1, shape), nxt[i])  # fresh noise at every step (Self Forcing)
         return x, x0, cache, probed
 
-    _, x0, cache, probed = jax.lax.fori_loop(0, n + 1, body, (x, x, cache, probed))
+    start = jnp.where(replay, n, 0)
+    _, x0, cache, probed = jax.lax.fori_loop(start, n + 1, body, (x, clean, cache, probed))
     return x0, cache, probed
 
 
@@ -144,6 +146,16 @@ def check_length(cfg, run: RunConfig, layout: AttentionLayout, batch: int, place
                run.dummy is None else "make the video shorter or smaller")
         raise ValueError(f"the KV cache of this run needs {need / 2**30:.1f} GiB per device and "
                          f"{free / 2**30:.1f} GiB are free; {fix}.")
+
+
+@dataclass
+class _VideoState:
+    """What one video's loop carries from chunk to chunk."""
+
+    layout: AttentionLayout
+    params: object
+    cache: object
+    plan: HeadPlan | None = None  # Dummy Forcing's, once it applies
 
 
 @dataclass
@@ -250,13 +262,22 @@ class Generator:
         return self.placement.jit(hma.transition_cache, static_argnums=(1, 2, 3),
                                   out_shardings=lambda: self.placement.cache_shardings(layout_b))
 
-    def _run_step(self, layout, probe, params, text_kv, cache, key, chunk: int):
+    def _run_step(self, layout, probe, params, text_kv, cache, key, chunk: int, clean=None):
+        """One chunk (clean=None), or the refresh forward of a made chunk's clean latents (a re-cache)."""
         schedule = self.first_schedule if chunk == 0 else self.schedule
         rows = None
         if probe is not None and self.dummy.query_rows is not None:
             rows = jnp.asarray(self.dummy.query_rows)
         step = self.step(layout, probe, schedule[1].shape[0])
-        return step(params, text_kv, cache, key, jnp.int32(chunk), schedule, rows)
+        replay = clean is not None
+        return step(params, text_kv, cache, key, jnp.int32(chunk), schedule, rows,
+                    self._no_latents if clean is None else clean, jnp.bool_(replay))
+
+    @functools.cached_property
+    def _no_latents(self):
+        """The clean-latents input of an ordinary chunk step (unused there)."""
+        zeros = jnp.zeros(self.shape, jnp.float32)
+        return zeros if self.mesh is None else jax.device_put(zeros, self.placement.latent_sharding(self.shape))
 
     def use_plan(self, plan: HeadPlan) -> None:
         """A calibrated Dummy Forcing plan for the following videos (compiled steps are kept)."""
@@ -283,29 +304,40 @@ class Generator:
     def _add_compile(self, seconds: float) -> None:
         self.stats.compile_s += seconds
 
-    def chunks(self, text_kv, seed: int, switch: Callable[[int], object] | None = None) -> Iterator[ChunkResult]:
+    def chunks(self, text_kv, seed: int, switch: Callable[[int], object] | None = None,
+               recache: bool = True) -> Iterator[ChunkResult]:
         """Yields each chunk's clean latents as soon as it is dispatched (device arrays, not synced).
 
         switch: asked before every chunk after the first; it returns new cross-attention K/V (Generator.text_kv of
-        another prompt) for the chunks from that one on, or None to keep the current ones.
+        another prompt) for the chunks from that one on, or None to keep the current ones. recache: at a switch
+        the self-attention KV cache is recomputed under the new prompt (LongLive's KV re-cache): the refresh
+        forward of every chunk made so far is replayed on its clean latents, in order, with the layouts and the
+        plan the video used, so the cache is what the video would have left under the new prompt. It costs one
+        forward per chunk made (of the five a chunk took) and compiles nothing new.
         """
         if switch is not None and self.run.stream:
             raise ValueError("the stream-batch sampler cannot change the prompt during a video; use the sequential "
                              "sampler.")
         key = jax.random.PRNGKey(seed)
-        layout, params = self.first_layout, self.params
-        cache = self.placement.init_cache(layout, self.cache_dtype)
+        state = _VideoState(self.first_layout, self.params, self.placement.init_cache(self.first_layout,
+                                                                                   self.cache_dtype))
         df = self.dummy
         probe = None if df is None else df.probe
+        made = []  # the clean latents of every chunk, kept only while a switch may need them
         for c in range(self.run.num_chunks):
             if c == self.prefill_chunks:  # stream mode: the remaining chunks come out of the pipeline
-                for i, x0 in self._stream.chunks(params, text_kv, cache, key, c, self._add_compile):
+                for i, x0 in self._stream.chunks(state.params, text_kv, state.cache, key, c, self._add_compile):
                     yield ChunkResult(i, x0)
                 return
             new_kv = None if switch is None or c == 0 else switch(c)
             if new_kv is not None:
                 text_kv = new_kv
-            x0, cache, scores = self._run_step(layout, probe, params, text_kv, cache, key, c)
+                if recache:
+                    state = self._recache(text_kv, key, made, probe)
+            x0, state.cache, scores = self._run_step(state.layout, probe if state.plan is None else None,
+                                                     state.params, text_kv, state.cache, key, c)
+            if switch is not None:
+                made.append(x0)
             yield ChunkResult(c, x0)
             if df is not None and c == df.switch_chunk:
                 plan = df.plan
@@ -313,10 +345,27 @@ class Generator:
                     self.stats.scores = np.asarray(scores)
                     plan = df.plan_from_scores(self.stats.scores)
                 self.stats.last_plan = plan
-                layout = df.layout(plan)
-                cache = self._transitions(layout)(cache, layout, plan, c)
-                params = self._permute(self.params, jnp.asarray(plan.permutation, jnp.int32))
-                probe = None
+                self._apply_plan(state, plan, c)
+
+    def _apply_plan(self, state: "_VideoState", plan: HeadPlan, chunk: int) -> None:
+        """After chunk `chunk`'s refresh: the plan's layout, its per-group caches, the permuted heads."""
+        state.plan, state.layout = plan, self.dummy.layout(plan)
+        state.cache = self._transitions(state.layout)(state.cache, state.layout, plan, chunk)
+        state.params = self._permute(self.params, jnp.asarray(plan.permutation, jnp.int32))
+
+    def _recache(self, text_kv, key, made: list, probe) -> "_VideoState":
+        """The cache (and layout, params) after replaying the refresh forward of every made chunk under text_kv,
+        exactly as the loop ran them: the first layout (with its probe, so the compiled step is the same one),
+        then, with Dummy Forcing, the video's plan from its switch chunk on."""
+        state = _VideoState(self.first_layout, self.params, self.placement.init_cache(self.first_layout,
+                                                                                   self.cache_dtype))
+        plan = self.stats.last_plan
+        for j, clean in enumerate(made):
+            _, state.cache, _ = self._run_step(state.layout, probe if state.plan is None else None, state.params,
+                                               text_kv, state.cache, key, j, clean=clean)
+            if self.dummy is not None and j == self.dummy.switch_chunk:
+                self._apply_plan(state, plan, j)
+        return state
 
     def calibration_scores(self, text_kv, seed: int) -> np.ndarray:
         """Frame attention scores of one prompt: the warm-up chunks up to ar_start, with its refresh scored."""

@@ -415,12 +415,14 @@ class Placement:
         return jax.jit(fn, **kw)
 
     def step_shardings(self, params, layout: AttentionLayout, latent_shape):
-        """(in, out) shardings of a chunk step (params, text_kv, cache, key, chunk, schedule, probe input) ->
-        (x0, cache, probe output); key, chunk, schedule and the probe's input and output are replicated."""
+        """(in, out) shardings of a chunk step (params, text_kv, cache, key, chunk, schedule, probe input, clean
+        latents, replay) -> (x0, cache, probe output); key, chunk, schedule, the probe's input and output and the
+        replay flag are replicated."""
         rep = replicated(self.mesh)
         cache = self.cache_shardings(layout)
-        ins = (self.param_shardings(params), self.text_kv_shardings(), cache, rep, rep, rep, rep)
-        return ins, (self.latent_sharding(latent_shape), cache, rep)
+        latents = self.latent_sharding(latent_shape)
+        ins = (self.param_shardings(params), self.text_kv_shardings(), cache, rep, rep, rep, rep, latents, rep)
+        return ins, (latents, cache, rep)
 
     # -- choices the mesh constrains ---------------------------------------------------------------
     @property

@@ -106,10 +106,14 @@ class VideoStream:
     already made stay in the self-attention cache). `timing` fills in as chunks come; close() stops early.
     """
 
-    def __init__(self, pipeline: "VideoPipeline", prompt: str, seed: int, progress: bool = False):
-        self.pipeline, self.prompt, self.seed = pipeline, check_prompt(prompt), seed
+    def __init__(self, pipeline: "VideoPipeline", prompt: str, seed: int, progress: bool = False,
+                 timeline: list[tuple[float, str]] | None = None, recache: bool = True):
+        self.pipeline, self.prompt, self.seed, self.recache = pipeline, check_prompt(prompt), seed, recache
         self.timing = Timing(frames=pipeline.run.video.frames)
         self._pending = None
+        self._switches = switch_chunks(timeline or [], pipeline.run, pipeline.fps)  # chunk -> prompt
+        if self._switches and pipeline.run.stream:
+            self.set_prompt(prompt)  # refused, with the reason
         self._progress = progress
         self._chunks = self._run()
 
@@ -134,6 +138,8 @@ class VideoStream:
 
     def _switch(self, chunk: int):
         """The generator asks before each chunk: the new prompt's text K/V, or None."""
+        if chunk in self._switches:
+            self._pending = self._switches[chunk]
         if self._pending is None:
             return None
         self.prompt, self._pending = self._pending, None
@@ -147,7 +153,7 @@ class VideoStream:
         h, w = p.run.video.latent_hw
         cache = init_decoder_cache(p.model.vae.cfg, 1, h, w)
         compile_before = gen.stats.compile_s + p.compile_s
-        chunks = gen.chunks(text_kv, self.seed, switch=None if p.run.stream else self._switch)
+        chunks = gen.chunks(text_kv, self.seed, switch=None if p.run.stream else self._switch, recache=self.recache)
         bar = _progress(p.run.num_chunks, self._progress)
         try:
             for _ in range(p.run.num_chunks):
@@ -175,6 +181,39 @@ class VideoStream:
             chunks.close()
         t.compile_s = gen.stats.compile_s + p.compile_s - compile_before
         t.e2e_s = time.perf_counter() - t_start - t.compile_s
+
+
+def chunk_start_seconds(chunk: int, run: RunConfig, fps: float) -> float:
+    """When a chunk's first frame plays: latent frame k >= 1 decodes to pixel frames 4k-3 .. 4k."""
+    latent = chunk * run.sampling.chunk_frames
+    return 0.0 if latent == 0 else (4 * latent - 3) / fps
+
+
+def switch_chunks(timeline: list[tuple[float, str]], run: RunConfig, fps: float,
+                  names: list[str] | None = None) -> dict[int, str]:
+    """{chunk: prompt} of prompt switches [(start seconds, prompt), ...] (after the first prompt, which starts at
+    0): each takes effect from the first chunk that starts at or after its time. names: how errors call each
+    switch (default "switch N")."""
+    out, last = {}, 0.0
+    length = run.video.frames / fps
+    names = names or [f"switch {n}" for n in range(1, len(timeline) + 1)]
+    for n, (name, (start, prompt)) in enumerate(zip(names, timeline)):
+        try:
+            check_prompt(prompt)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if not start > last:
+            raise ValueError(f"{name}: the switch at {start} s is not after the one before ({last} s); sort the "
+                             "switches and give each its own time.")
+        chunk = next((c for c in range(1, run.num_chunks) if chunk_start_seconds(c, run, fps) >= start - 1e-9), None)
+        if chunk is None or start >= length:
+            raise ValueError(f"{name}: the switch at {start} s is past the last chunk of this {length:.2f} s video; "
+                             "make the video longer or switch earlier.")
+        if chunk in out:
+            raise ValueError(f"{name}: the switch at {start} s falls in the same chunk as the one before (it starts at "
+                             f"{chunk_start_seconds(chunk, run, fps):.2f} s); a prompt lasts at least one chunk.")
+        out[chunk], last = prompt, start
+    return out
 
 
 def check_prompt(prompt) -> str:
@@ -212,20 +251,24 @@ class VideoPipeline:
             self.compile_s += time.perf_counter() - t0
         return self._decode[cache.started]
 
-    def stream(self, prompt: str, seed: int = 0, progress: bool = False) -> VideoStream:
-        """The video's decoded chunks as they are made (see VideoStream)."""
-        return VideoStream(self, prompt, seed, progress)
+    def stream(self, prompt: str, seed: int = 0, progress: bool = False,
+               timeline: list[tuple[float, str]] | None = None, recache: bool = True) -> VideoStream:
+        """The video's decoded chunks as they are made (see VideoStream). timeline: prompt switches [(start
+        seconds, prompt), ...] after `prompt`; recache: recompute the KV cache under each new prompt."""
+        return VideoStream(self, prompt, seed, progress, timeline, recache)
 
-    def generate(self, prompt: str, seed: int = 0) -> np.ndarray:
+    def generate(self, prompt: str, seed: int = 0, timeline: list[tuple[float, str]] | None = None,
+                 recache: bool = True) -> np.ndarray:
         """The whole video, uint8 [frames, height, width, 3]."""
-        return np.concatenate([c.frames for c in self.stream(prompt, seed)])
+        return np.concatenate([c.frames for c in self.stream(prompt, seed, timeline=timeline, recache=recache)])
 
     def make_video(self, prompt: str, seed: int, out: str | Path, fps: float | None = None,
-                   progress: bool = False) -> Timing:
+                   progress: bool = False, timeline: list[tuple[float, str]] | None = None,
+                   recache: bool = True) -> Timing:
         """Writes an H.264 mp4 as the chunks come (it appears under `out` only when complete); returns the timings."""
         writer = Mp4Writer(out, fps or self.fps)
         try:
-            stream = self.stream(prompt, seed, progress)
+            stream = self.stream(prompt, seed, progress, timeline, recache)
             for chunk in stream:
                 writer.write(chunk.frames)
             writer.close()

@@ -20,11 +20,15 @@ def demo_cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.mark.parametrize("extra", [[], ["--stream", "--dummy-forcing"]], ids=["sequential", "stream"])
-def test_generate_writes_the_asked_video(tmp_path, extra):
+@pytest.mark.parametrize("extra", [["--timeline", "timeline.jsonl"], ["--prompt", "a red square moves left",
+                                                                      "--stream", "--dummy-forcing"]],
+                         ids=["sequential, a prompt switch", "stream"])
+def test_generate_writes_the_asked_video(tmp_path, monkeypatch, extra):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "timeline.jsonl").write_text(TIMELINE + '{"start": 1.5, "prompt": "a blue circle moves up"}\n')
     out = tmp_path / "v.mp4"
     timing = tmp_path / "t.json"
-    rc = main(["generate", "--prompt", "a red square moves left", "--out", str(out), "--height", "48", "--width", "64",
+    rc = main(["generate", "--out", str(out), "--height", "48", "--width", "64",
                "--frames", "33", "--fps", "12", "--timing-json", str(timing), "--quiet", *extra])
     assert rc == 0
     info = read_mp4_info(out)
@@ -58,37 +62,61 @@ def _bad_model_folder(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--height", "50"], "not a multiple of 16x16"),
-    (["--frames", "25"], "not a multiple of the chunk size"),
-    (["--frames", "24"], "frames must be 4*k+1"),
-    (["--dummy-forcing", "--num-dummy", "100000"], "out of range"),
-    (["--out", "/nonexistent-dir/x.mp4"], "does not exist"),
-    (["--out", "x.avi"], "must be an .mp4"),
-    ("no-tokenizer", "lacks ['tokenizer']"),
-    ("empty-prompts", "has no prompts"),
-    ("foreign-profile", "profile made for a model with"),
-])
-def test_bad_input_is_one_clear_line_and_leaves_no_file(tmp_path, capsys, monkeypatch, extra, message):
+TIMELINE = '{"start": 0, "prompt": "a red square moves left"}\n'
+ARGS = ["generate", "--prompt", "a red square", "--out", "{tmp}/o.mp4", "--quiet"]
+
+
+@pytest.mark.parametrize("args,files,message", [
+    (ARGS + ["--height", "50"], {}, "not a multiple of 16x16"),
+    (ARGS + ["--frames", "25"], {}, "not a multiple of the chunk size"),
+    (ARGS + ["--frames", "24"], {}, "frames must be 4*k+1"),
+    (ARGS + ["--frames", "0"], {}, "frames must be a positive number, got 0"),
+    (ARGS + ["--height", "0", "--width", "0"], {}, "height must be a positive number"),
+    (ARGS + ["--fps", "-2"], {}, "fps must be > 0"),
+    (ARGS + ["--dummy-forcing", "--num-dummy", "100000"], {}, "out of range"),
+    (ARGS + ["--num-dummy", "3"], {}, "num_dummy set without Dummy Forcing"),
+    (ARGS + ["--dummy-forcing", "--cache", "local"], {}, "Dummy Forcing gives each head type its own cache"),
+    (ARGS + ["--out", "/nonexistent-dir/x.mp4"], {}, "does not exist"),
+    (ARGS + ["--out", "x.avi"], {}, "must be an .mp4"),
+    (ARGS + ["--out", "{tmp}"], {}, "is a folder; give an .mp4 file name"),
+    (ARGS + ["--timing-json", "/nonexistent-dir/t.json"], {}, "--timing-json /nonexistent-dir/t.json: the folder"),
+    (ARGS + ["--model", "{tmp}/model"], "no-tokenizer", "lacks ['tokenizer']"),
+    (ARGS + ["--profile", "{tmp}/foreign.json"], "foreign-profile", "profile made for a model with"),
+    (["generate", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o"], {"p.txt": "\n  \n"}, "has no prompts"),
+    (["generate", "--prompts", "{tmp}/p.jsonl"], {"p.jsonl": '{"prompt": "a"}\n{"prompt": "  "}\n'},
+     "p.jsonl:2: the prompt is empty"),
+    (["generate", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o.txt"], {"p.txt": "a\n", "o.txt": "x"},
+     "is a file; --prompts writes a folder"),
+    (["generate", "--timeline", "{tmp}/t.jsonl"], {"t.jsonl": '{"start": 1, "prompt": "a"}\n'},
+     "t.jsonl:1: the first prompt must start at 0"),
+    (["generate", "--timeline", "{tmp}/t.jsonl"], {"t.jsonl": TIMELINE + '{"start": 2, "prompt": "b"}\n'
+                                                 '{"start": 1, "prompt": "c"}\n'}, "t.jsonl:3: starts at 1.0 s"),
+    (["generate", "--timeline", "{tmp}/t.jsonl"], {"t.jsonl": TIMELINE + '{"start": 1, "prompt": ""}\n'},
+     "t.jsonl:2: the prompt is empty"),
+    (["generate", "--timeline", "{tmp}/t.jsonl"], {"t.jsonl": TIMELINE + '{"start": 9, "prompt": "b"}\n'},
+     "t.jsonl:2: the switch at 9.0 s is past the last chunk"),
+    (["generate", "--timeline", "{tmp}/t.jsonl"], {"t.jsonl": TIMELINE + '{"start": 0.5, "prompt": "b"}\n'
+                                                 '{"start": 0.6, "prompt": "c"}\n'}, "t.jsonl:3: the switch at 0.6 s "
+                                                                                       "falls in the same chunk"),
+    (["generate", "--timeline", "{tmp}/t.jsonl"], {"t.jsonl": TIMELINE + "start: 3\n"}, "t.jsonl:2: expected a JSON"),
+], ids=lambda v: None)
+def test_bad_input_is_one_clear_line_and_leaves_no_file(tmp_path, capsys, monkeypatch, args, files, message):
     monkeypatch.chdir(tmp_path)
-    args = ["generate", "--prompt", "a red square", "--out", str(tmp_path / "o.mp4"), "--quiet"]
-    if extra == "no-tokenizer":
-        extra = ["--model", str(_bad_model_folder(tmp_path))]
-    elif extra == "empty-prompts":
-        (tmp_path / "empty.txt").write_text("\n  \n")
-        args = ["generate", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"), "--quiet"]
-        extra = []
-    elif extra == "foreign-profile":
+    if files == "no-tokenizer":
+        _bad_model_folder(tmp_path)
+    elif files == "foreign-profile":
         from dfjax.dummy import HeadPlan
 
         HeadPlan.uniform(3, 5).save(tmp_path / "foreign.json")
-        extra = ["--profile", str(tmp_path / "foreign.json")]
+    else:
+        for name, text in files.items():
+            (tmp_path / name).write_text(text)
     before = set(p.name for p in tmp_path.rglob("*"))
-    assert main(args + extra) == 2
+    assert main([x.replace("{tmp}", str(tmp_path)) for x in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dfjax: error:") and message in err[0], err
     assert not list(tmp_path.rglob("*.mp4"))
-    assert set(p.name for p in tmp_path.rglob("*")) <= before | {"o"}
+    assert set(p.name for p in tmp_path.rglob("*")) <= before
 
 
 def test_generate_with_no_arguments_makes_the_demo_video(tmp_path, monkeypatch):

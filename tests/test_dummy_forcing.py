@@ -91,8 +91,10 @@ def head_masks(plan: HeadPlan, layer: int, num_chunks: int, ar_start: int, L: in
     return np.repeat(np.repeat(masks, TPF, 1), TPF, 2)
 
 
-def oracle_loop(tm, plan, ar_start, L, seed, ctx):
-    """The AR loop in PyTorch: each step is one full-prefix forward [clean chunks ; noisy chunk]."""
+def oracle_loop(tm, plan, ar_start, L, seed, ctx, switch=None):
+    """The AR loop in PyTorch: each step is one full-prefix forward [clean chunks ; noisy chunk]. switch: (chunk,
+    context) from which every forward uses another prompt, so the clean chunks are seen under it too (what a
+    re-cache computes)."""
     ts, sig = schedule(SAMPLING)
     nxt = np.append(sig[1:], 0.0)
     h, w = VIDEO.latent_hw
@@ -109,7 +111,8 @@ def oracle_loop(tm, plan, ar_start, L, seed, ctx):
         for i in range(len(ts)):
             full = np.concatenate(clean + [x], axis=1)
             t = np.concatenate([np.zeros((1, c * CF)), np.full((1, CF), ts[i])], axis=1).astype(np.float32)
-            flow = diffusers_forward(tm, np.ascontiguousarray(full.transpose(0, 4, 1, 2, 3)), t, ctx, TPF)
+            now = ctx if switch is None or c < switch[0] else switch[1]
+            flow = diffusers_forward(tm, np.ascontiguousarray(full.transpose(0, 4, 1, 2, 3)), t, now, TPF)
             flow = flow[:, :, c * CF:].transpose(0, 2, 3, 4, 1)
             x0 = (x - np.float32(sig[i]) * flow).astype(np.float32)
             noise = np.asarray(jax.random.normal(jax.random.fold_in(key, i + 1), shape))
@@ -149,6 +152,26 @@ def test_a_new_head_type_is_one_table_row(models):
     ours = np.asarray(Generator(model, run, plan=plan).generate(jnp.asarray(context()), seed=5))
     ref = oracle_loop(tm, plan, ar_start=1, L=1, seed=5, ctx=context())
     assert np.abs(ours - ref).max() < 2e-4
+
+
+def test_a_prompt_switch_recaches_the_kv_cache_as_if_made_under_the_new_prompt(models):
+    """Switching at chunk 3 (the plan applies from chunk 2): the re-cache replays chunks 0-2's refresh forwards under
+    the new prompt (warm-up, transition, plan), so chunk 3 on equal the oracle whose prefix forwards use the new
+    prompt; nothing compiles anew, and without the re-cache the video differs."""
+    tm, model = models
+    plan = a_plan()
+    run = RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla", dummy=DummyForcingConfig(ar_start=1))
+    gen = Generator(model, run, plan=plan)
+    other = np.asarray(jax.random.normal(jax.random.PRNGKey(8), context().shape))
+    new_kv = gen.text_kv(jnp.asarray(other))
+    switch = lambda c: new_kv if c == 3 else None
+    kv = gen.text_kv(jnp.asarray(context()))
+    ours = np.concatenate([np.asarray(r.latents) for r in gen.chunks(kv, 5, switch=switch)], axis=1)
+    ref = oracle_loop(tm, plan, ar_start=1, L=1, seed=5, ctx=context(), switch=(3, other))
+    assert np.abs(ours - ref).max() < 2e-4
+    assert gen.stats.trace_counts == {"step0": 1, "step1": 1}
+    stale = np.concatenate([np.asarray(r.latents) for r in gen.chunks(kv, 5, switch=switch, recache=False)], axis=1)
+    assert np.array_equal(stale[:, :3 * CF], ours[:, :3 * CF]) and np.abs(stale - ref).max() > 1e-2
 
 
 class RecordQK:

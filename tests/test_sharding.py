@@ -419,7 +419,8 @@ def _device_checks(report_path: str) -> None:  # noqa: C901 - one linear script
     layout = hma.plan_layout(paper, 6, 2)
     rep = jax.sharding.NamedSharding(meshes["1x8"], P())
     args = (pg.params, pg.text_kv(ctx), pg.placement.init_cache(layout, jnp.float32),
-            jax.device_put(jax.random.PRNGKey(0), rep), jax.device_put(jnp.int32(1), rep), pg.schedule, None)
+            jax.device_put(jax.random.PRNGKey(0), rep), jax.device_put(jnp.int32(1), rep), pg.schedule, None,
+            pg._no_latents, jax.device_put(jnp.bool_(False), rep))
     compiled = pg.step(layout).fn.lower(*args).compile()
     report["cache_gathers"]["plan_paper"] = gathers(compiled, capacities(layout))
 

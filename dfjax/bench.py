@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("baseline", "dummy", "local", "stream", "dummy-stream")  # stream: dfjax.stream's sampler
+# stream: dfjax.stream's sampler; long-context: Dummy Forcing whose neighbour window costs what LongLive's 3 + 9 does
+MODES = ("baseline", "dummy", "local", "stream", "dummy-stream", "long-context")
 
 
 def _run_config(mode, resolution, frames, tiny, attn_impl):
@@ -43,6 +44,8 @@ def _run_config(mode, resolution, frames, tiny, attn_impl):
         h, w = (int(x) for x in resolution.lower().split("x"))
     cache = CacheConfig.longlive() if mode == "local" else CacheConfig()
     dummy = DummyForcingConfig() if mode.startswith("dummy") else None
+    if mode == "long-context":
+        dummy = DummyForcingConfig(long_context=12)
     return RunConfig(video=VideoShape(h, w, frames), sampling=SamplingConfig(), cache=cache, dummy=dummy,
                      attn_impl=attn_impl, stream=mode.endswith("stream"))
 
@@ -121,6 +124,38 @@ def _attention_seconds(gen, run, runs):
             t = statistics.median(_timed(lambda: jax.block_until_ready(fn(q, groups, end)), max(runs, 3)))
             total += t * count * (steps + 1 if c < gen.prefill_chunks else steps)  # stream: no refresh
     return total
+
+
+def run_long(mode, resolution, frames, tiny, attn_impl) -> dict:
+    """One long video's DiT, chunk by chunk (each synced): per-chunk seconds and the device's peak memory, to see
+    that both stay flat once the caches are full. A random text context stands in for the encoder."""
+    import jax
+    import jax.numpy as jnp
+
+    from dfjax.dummy.forcing import context_summary
+    from dfjax.pipeline import Generator
+
+    run = _run_config(mode, resolution, frames, tiny, attn_impl)
+    dit = _random_models(tiny)[0]
+    gen = Generator(dit, run)
+    ctx = jax.random.normal(jax.random.PRNGKey(3), (1, dit.cfg.text_len, dit.cfg.text_dim), jnp.bfloat16)
+    kv = gen.text_kv(ctx)
+    for r in gen.chunks(kv, seed=0):  # compiles every step: all are in use by chunk ar_start + 2
+        if r.index >= 3:
+            break
+    progress(f"{mode} {resolution} {frames} frames: compiled ({gen.stats.compile_s:.1f} s)")
+    times, t0 = [], time.perf_counter()
+    for r in gen.chunks(kv, seed=0):
+        r.latents.block_until_ready()
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+    stats = jax.devices()[0].memory_stats() or {}
+    plan = gen.stats.last_plan
+    return {"mode": mode, "resolution": resolution if not tiny else "tiny", "frames": frames, "long": True,
+            "chunk_s": times, "diffusion_s": sum(times), "diffusion_fps": frames / sum(times),
+            "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": gen.stats.compile_s,
+            "plan": None if plan is None else context_summary(plan, run.sampling.chunk_frames,
+                                                                run.dummy.long_context)}
 
 
 def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=True, mesh_of_one=False) -> dict:
@@ -268,6 +303,16 @@ def environment() -> dict:
 
 
 def print_table(runs: list[dict]) -> None:
+    if runs and runs[0].get("long"):
+        print(f"{'mode':12s} {'res':6s} {'frames':>6s} {'diff s':>8s} {'FPS':>6s} {'chunk s: first 10':>17s} "
+              f"{'last 10':>8s} {'max':>6s} {'peak GiB':>8s}")
+        for r in runs:
+            c = r["chunk_s"]
+            med = lambda xs: statistics.median(xs)
+            print(f"{r['mode']:12s} {r['resolution']:6s} {r['frames']:6d} {r['diffusion_s']:8.2f} "
+                  f"{r['diffusion_fps']:6.2f} {med(c[1:11]):17.3f} {med(c[-10:]):8.3f} {max(c[1:]):6.3f} "
+                  f"{r['peak_mem_gib']:8.2f}")
+        return
     head = f"{'mode':9s} {'res':6s} {'diff s':>7s} {'diff FPS':>8s} {'e2e s':>7s} {'e2e FPS':>7s} " \
            f"{'1st chunk':>9s} {'attn s':>7s} {'compile':>7s} {'peak GiB':>8s}"
     print(head)
@@ -290,14 +335,20 @@ def main(argv=None) -> int:
                    help="run the sharded code path on a data=1 x tensor=1 mesh (compare with the unsharded default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per (mode, resolution) run")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    p.add_argument("--long", action="store_true",
+                   help="long videos: one video of --frames (e.g. 3841, 4 min at 16 fps), its DiT per chunk and peak "
+                        "memory (modes dummy, local, long-context)")
     p.add_argument("--one", nargs=2, metavar=("MODE", "RES"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
         import jax
 
         jax.config.update("jax_default_prng_impl", "unsafe_rbg")  # fast random weights; this process only
-        report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl, not a.no_attention_share,
-                       a.mesh_of_one))
+        if a.long:
+            report(run_long(a.one[0], a.one[1], a.frames, a.tiny, a.attn_impl))
+        else:
+            report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl, not a.no_attention_share,
+                           a.mesh_of_one))
         return 0
     # children share compiled programs (UMT5, VAE, identical steps) through JAX's persistent cache
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dfjax" / "jax"))
@@ -311,7 +362,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "dfjax.bench", "--one", mode, res, "--frames", str(a.frames), "--runs",
                    str(a.runs), "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else []) + (
                        ["--no-attention-share"] if a.no_attention_share else []) + (
-                       ["--mesh-of-one"] if a.mesh_of_one else [])
+                       ["--mesh-of-one"] if a.mesh_of_one else []) + (["--long"] if a.long else [])
             # stderr (progress, errors) streams through; a run past --timeout is killed with its children
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
             try:

@@ -598,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands with their own argument parser: `dfjax NAME ARGS...` is `python -m MODULE ARGS...`.
 TOOLS = {"bench": ("dfjax.bench", "the speed benchmark (see README)"),
          "train-demo": ("dfjax.train_demo", "train the built-in demo model from scratch"),
+         "adherence": ("dfjax.adherence", "how often the demo model's videos show what their prompts say"),
          "fidelity": ("dfjax.fidelity", "what Dummy Forcing changes in the videos (demo model)")}
 
 

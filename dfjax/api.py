@@ -99,12 +99,13 @@ def run_config(meta: dict, opts: Options):
     else:
         height, width = pick(opts.height, defaults.get("height", 480)), pick(opts.width, defaults.get("width", 832))
     fps = pick(opts.fps, defaults.get("fps", 16))
-    if opts.seconds is not None:
-        frames = max(1, int(round(opts.seconds * fps)))
-        frames = frames - (frames - 1) % 4  # the VAE makes 4k+1 frames
+    sampling = config_from_dict(SamplingConfig, meta.get("sampling", {}))
+    if opts.seconds is not None:  # the nearest whole number of chunks (the VAE makes 4k + 1 frames of k + 1 latent)
+        cf = sampling.chunk_frames
+        chunks = max(1, round((opts.seconds * fps / 4) / cf))
+        frames = VideoShape.frames_for_latents(chunks * cf)
     else:
         frames = pick(opts.frames, defaults.get("frames", 81))
-    sampling = config_from_dict(SamplingConfig, meta.get("sampling", {}))
     folder_cache = meta.get("cache", {})
     kind = pick(opts.cache, folder_cache.get("kind", "global"))
     same_kind = kind == folder_cache.get("kind", "global")

@@ -131,12 +131,15 @@ def run_long(mode, resolution, frames, tiny, attn_impl) -> dict:
     that both stay flat once the caches are full. A random text context stands in for the encoder."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
+    from dfjax.config import WanConfig
     from dfjax.dummy.forcing import context_summary
+    from dfjax.model.transformer import WanDiT
     from dfjax.pipeline import Generator
 
     run = _run_config(mode, resolution, frames, tiny, attn_impl)
-    dit = _random_models(tiny)[0]
+    dit = WanDiT(WanConfig.tiny(in_channels=16, out_channels=16) if tiny else WanConfig.wan_1_3b(), nnx.Rngs(0))
     gen = Generator(dit, run)
     ctx = jax.random.normal(jax.random.PRNGKey(3), (1, dit.cfg.text_len, dit.cfg.text_dim), jnp.bfloat16)
     kv = gen.text_kv(ctx)

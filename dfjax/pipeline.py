@@ -51,10 +51,11 @@ class RunConfig:
     def __post_init__(self):
         cf = self.sampling.chunk_frames
         if self.video.latent_frames % cf:
-            ok = [VideoShape.frames_for_latents(n * cf) for n in range(1, 8)]
+            below = self.video.latent_frames // cf * cf
+            ok = [VideoShape.frames_for_latents(n) for n in (below, below + cf) if n > 0]
             raise ValueError(
                 f"{self.video.frames} frames give {self.video.latent_frames} latent frames, not a multiple of the "
-                f"chunk size {cf}; choose a frame count such as {ok}."
+                f"chunk size {cf}; choose {' or '.join(map(str, ok))} frames (or --seconds, which rounds)."
             )
         if self.cache.kind == "local" and (self.cache.window_frames % cf):
             raise ValueError(f"the local window ({self.cache.window_frames} frames) must be a multiple of the "

@@ -599,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
 TOOLS = {"bench": ("dfjax.bench", "the speed benchmark (see README)"),
          "train-demo": ("dfjax.train_demo", "train the built-in demo model from scratch"),
          "adherence": ("dfjax.adherence", "how often the demo model's videos show what their prompts say"),
-         "fidelity": ("dfjax.fidelity", "what Dummy Forcing changes in the videos (demo model)")}
+         "fidelity": ("dfjax.fidelity", "what Dummy Forcing changes in the videos (demo model)"),
+         "long-eval": ("dfjax.long_eval", "long videos, long context and prompt switches on the demo model")}
 
 
 def main(argv=None) -> int:

@@ -481,12 +481,16 @@ def clip_hash(clip) -> int:
     return sum(map(ord, clip.prompt)) + int(clip.objects[0]["radius"] * 1000)
 
 
-def validate(num: int = 200, frames: int = 57, seed: int = 0, start: int = 60_000_000) -> dict:
-    """The detector on `num` ground-truth clips (dfjax.synthetic.make_clip, `frames` long): per attribute, how many
-    statements it got right, of how many, and how many of those were true (the rest false)."""
+def validate(num: int = 200, frames: int = 57, seed: int = 0, start: int = 60_000_000,
+             lang: SyntheticConfig = SyntheticConfig()) -> dict:
+    """The detector on `num` ground-truth clips of the language `lang` (dfjax.synthetic.make_clip, `frames` long):
+    per attribute, how many statements it got right, of how many, and how many of those were true (the rest
+    false)."""
+    import dataclasses
+
     from dfjax.synthetic import make_clip, to_uint8
 
-    cfg = SyntheticConfig(frames=frames)
+    cfg = dataclasses.replace(lang, frames=frames)
     stats = {a: dict(right=0, judged=0, true=0) for a in ATTRIBUTES}
     wrong = []
     for i in range(start, start + num):
@@ -539,6 +543,8 @@ def training_language(meta: dict) -> tuple[SyntheticConfig, int, int]:
     t = meta.get("training", {}).get("config", {})
     names = {f.name for f in dataclasses.fields(SyntheticConfig)}
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in t.items() if k in names}
+    if "speed_min" in t:  # train-demo records the speed range as two numbers
+        given["speed"] = (float(t["speed_min"]), float(t["speed_max"]))
     return SyntheticConfig(**given), int(t.get("seed", 0)), int(t.get("clips", 0))
 
 
@@ -563,23 +569,33 @@ def _table(rows: list[dict], key: str = "hits") -> dict:
     return out
 
 
-def plain_prompts(num: int) -> list[str]:
-    """Prompts that name no event ("a red square moves left"), cycling through directions, colours and shapes."""
-    out = []
-    for i in range(num):
-        d = list(DIRECTIONS)[i % 4]
-        c = NAMES[(i // 4) % len(NAMES)]
-        s = SHAPES[(i // 4 + i // 20) % len(SHAPES)]
-        out.append(f"a {c} {s} moves {d}")
+def _by_value(rows: list[dict]) -> dict:
+    """Colour, shape and direction hit rates split by the value the prompt names."""
+    out = {}
+    for attr in ("colour", "shape", "direction"):
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(getattr(parse_prompt(r["prompt"]), attr), []).append(r["hits"][attr])
+        out[attr] = {v: dict(judged=len(g), hits=int(sum(g)), rate=sum(g) / len(g)) for v, g in sorted(groups.items())}
     return out
 
 
-def run_adherence(model_folder=None, num: int = 128, frames=(57, 33), demo_seeds: int = 8, plain: int = 20,
+def plain_prompts(num: int) -> list[str]:
+    """Prompts that name no event ("a red square moves left"): every colour, shape and direction (60) in turn."""
+    import itertools
+
+    combos = list(itertools.product(NAMES, SHAPES, DIRECTIONS))
+    return [f"a {c} {s} moves {d}" for c, s, d in (combos[i % len(combos)] for i in range(num))]
+
+
+def run_adherence(model_folder=None, num: int = 128, frames=(57, 33), demo_seeds: int = 16, plain: int = 60,
                   validate_clips: int = 200, start: int = HELD_OUT_START, log=print) -> dict:
     """Held-out prompts of the model's training language (clip `start + i`, seed i), judged at every length in
     `frames` (a video cut to its first n frames is the n-frame video of the same seed: the loop and the VAE are
     causal, so the longest is made once), next to the same judgement of the clip itself; the demo prompts (seeds
     0 .. demo_seeds-1) and event-free prompts (seed i) at the model's default length."""
+    import dataclasses
+
     import jax
 
     from dfjax.api import load
@@ -598,7 +614,8 @@ def run_adherence(model_folder=None, num: int = 128, frames=(57, 33), demo_seeds
     t0 = time.perf_counter()
     pipe = load(folder, frames=frames[0])
     clips = [make_clip(start + i, data_seed, lang) for i in range(num)]
-    train_prompts = {clip_spec(i, data_seed, lang).prompt for i in range(train_clips)}
+    train_list = [clip_spec(i, data_seed, lang).prompt for i in range(train_clips)]
+    train_prompts = set(train_list)
     sets = {"held-out": [(c.prompt, i, c) for i, c in enumerate(clips)],
             "demo": [(p, s, None) for p in DEMO_PROMPTS for s in range(demo_seeds)],
             "plain": [(p, i, None) for i, p in enumerate(plain_prompts(plain))]}
@@ -617,26 +634,29 @@ def run_adherence(model_folder=None, num: int = 128, frames=(57, 33), demo_seeds
             rows.append(dict(prompt=prompt, seed=seed, clip=start + seed, frames=n,
                              hits=judge(videos[prompt, seed][:n], prompt),
                              data=judge(to_uint8(clip.frames[:n]), prompt)))
-        tables[f"held-out@{n}"] = dict(set="held-out", frames=n, model=_table(rows), data=_table(rows, "data"))
+        tables[f"held-out@{n}"] = dict(set="held-out", frames=n, model=_table(rows), data=_table(rows, "data"),
+                                       by_value=_by_value(rows))
         runs += rows
     for name in ("demo", "plain"):
         rows = [dict(prompt=p, seed=s, frames=default_frames, hits=judge(videos[p, s][:default_frames], p))
                 for p, s, _ in sets[name]]
-        tables[f"{name}@{default_frames}"] = dict(set=name, frames=default_frames, model=_table(rows))
+        tables[f"{name}@{default_frames}"] = dict(set=name, frames=default_frames, model=_table(rows),
+                                                  by_value=_by_value(rows))
         if name == "demo":
             tables[f"{name}@{default_frames}"]["per_prompt"] = {
                 p: _table([r for r in rows if r["prompt"] == p]) for p in DEMO_PROMPTS}
         runs += rows
     gen_s = time.perf_counter() - t0
-    checks = [validate(validate_clips, n, data_seed, 60_000_000) for n in frames] if validate_clips else []
+    checks = [validate(validate_clips, n, data_seed, 60_000_000, lang) for n in frames] if validate_clips else []
     for c in checks:
         c["wrong"] = c["wrong"][:20]
     return dict(
         model=str(folder), model_training=dict(device=meta.get("training", {}).get("device"),
                                                clips=train_clips, seed=data_seed),
-        language=dict(frames=lang.frames, height=lang.height, width=lang.width),
+        language={k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(lang).items()},
         held_out=dict(start=start, num=num, seed=data_seed,
                       prompt_strings_also_in_training=sum(c.prompt in train_prompts for c in clips)),
+        training_prompts_naming_no_event=sum("," not in p for p in train_list) / max(1, len(train_list)),
         default_frames=default_frames, frames=frames, demo_seeds=demo_seeds, plain=plain,
         sampling=meta.get("sampling"), tables=tables, detector=dict(
             constants={k: globals()[k] for k in ("COLOUR_DIST", "MIN_AREA", "APPEAR_AREA", "SHAPE_AREA",
@@ -654,15 +674,16 @@ def _pct(x) -> str:
 
 
 def markdown(res: dict) -> str:
-    t, h = res["tables"], res["held_out"]
+    t, h, lang = res["tables"], res["held_out"], res["language"]
+    described = f", prompts naming the events before frame {lang['describe_frames']}" if lang.get("describe_frames") else ""
     lines = [
         "# Prompt adherence of the demo model",
         "",
         f"Model `{Path(res['model']).name}` (trained on {res['model_training']['device']}, clips 0 .. "
-        f"{res['model_training']['clips'] - 1} of data seed {res['model_training']['seed']}, "
-        f"{res['language']['frames']}-frame clips), sampler {res['sampling']['denoising_steps']} (shift "
-        f"{res['sampling']['shift']}). Held-out prompts: the prompts of clips {h['start']} .. {h['start'] + h['num'] - 1} "
-        f"of the same language and data seed, never drawn in training (training draws clips 0 .. clips-1; "
+        f"{res['model_training']['clips'] - 1} of data seed {res['model_training']['seed']}, {lang['frames']}-frame "
+        f"clips{described}), sampler {res['sampling']['denoising_steps']} (shift {res['sampling']['shift']}). "
+        f"Held-out prompts: the prompts of clips {h['start']} .. {h['start'] + h['num'] - 1} of the same language and "
+        f"data seed, never drawn in training (training draws clips 0 .. clips-1; "
         f"{h['prompt_strings_also_in_training']} of the {h['num']} prompt strings also occur word for word among the "
         f"training prompts, the language being small; their clips differ), video i with seed i. Each attribute is "
         f"judged on the videos whose prompt names it (`dfjax.adherence`: detector on the decoded frames). "
@@ -684,6 +705,14 @@ def markdown(res: dict) -> str:
             lo, hi = m["ci95"]
             cells.append(f"{m['judged']} | **{_pct(m['rate'])}** | {_pct(lo)} - {_pct(hi)} | {_pct(d['rate'])}")
         lines.append(f"| {attr} | " + " | ".join(cells) + " |")
+    lines += ["", "The same, split by the colour, shape or direction the prompt names (hits / videos):", "",
+              "| attribute | named | " + " | ".join(f"{v['frames']} frames" for v in held) + " |",
+              "|---|---|" + "---|" * len(held)]
+    for attr, groups in held[0]["by_value"].items():
+        for value in groups:
+            cells = [v["by_value"][attr][value] for v in held]
+            lines.append(f"| {attr} | {value} | " + " | ".join(f"{c['hits']} / {c['judged']} ({_pct(c['rate'])})"
+                                                               for c in cells) + " |")
     d = res["default_frames"]
     demo, plain = t[f"demo@{d}"], t[f"plain@{d}"]
     lines += ["", f"The demo prompts (`dfjax.synthetic.DEMO_PROMPTS`) at the default {d} frames, seeds 0 .. "
@@ -692,11 +721,14 @@ def markdown(res: dict) -> str:
     for prompt, tab in demo["per_prompt"].items():
         lines.append(f"| {prompt} | " + " | ".join(_pct(tab[a]["rate"]) if a in tab else "" for a in ATTRIBUTES)
                      + " |")
-    lines += ["", f"Prompts that name no event (\"a red square moves left\"; {res['plain']} of them, cycling through "
-              f"the directions, colours and shapes, seed i) at {d} frames:", "",
-              "| attribute | videos | model |", "|---|---|---|"]
+    lines += ["", f"Prompts that name no event (\"a red square moves left\"; {res['plain']} of them: every colour, "
+              f"shape and direction in turn, seed i) at {d} frames; such prompts are "
+              f"{100 * res['training_prompts_naming_no_event']:.1f} % of this model's training prompts (see "
+              f"`dfjax.synthetic.SyntheticConfig.describe_frames`):", "",
+              "| attribute | videos | model | by the value named (hits / videos) |", "|---|---|---|---|"]
     for attr, m in plain["model"].items():
-        lines.append(f"| {attr} | {m['judged']} | {_pct(m['rate'])} |")
+        split = ", ".join(f"{v} {c['hits']}/{c['judged']}" for v, c in plain["by_value"][attr].items())
+        lines.append(f"| {attr} | {m['judged']} | {_pct(m['rate'])} | {split} |")
     lines += ["", "The detector on ground-truth clips (`dfjax.adherence.validate`: statements true of the clip and, "
               "for the events, statements clearly false of it, from the simulated trajectories):", "",
               "| frames | clips | " + " | ".join(ATTRIBUTES) + " |", "|---|---|" + "---|" * len(ATTRIBUTES)]
@@ -728,8 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=128, help="held-out prompts (default 128)")
     p.add_argument("--frames", default="57,33", help="comma-separated lengths the held-out videos are judged at "
                                                      "(default 57,33: the language's clips and the demo default)")
-    p.add_argument("--demo-seeds", type=int, default=8, help="seeds per demo prompt (default 8)")
-    p.add_argument("--plain", type=int, default=20, help="prompts that name no event (default 20)")
+    p.add_argument("--demo-seeds", type=int, default=16, help="seeds per demo prompt (default 16)")
+    p.add_argument("--plain", type=int, default=60, help="prompts that name no event (default 60: every colour, shape "
+                                                         "and direction)")
     p.add_argument("--validate", type=int, default=200, metavar="N",
                    help="check the detector on N ground-truth clips per length (default 200; 0: skip)")
     p.add_argument("--start", type=int, default=HELD_OUT_START, help="first held-out clip index")

@@ -14,8 +14,8 @@ The primary shape starts at the middle of the side it moves away from (or, for e
 it leaves by), so the first frames follow from the prompt up to a few pixels of jitter; its speed,
 turn time and the rest do not. Half of the clips get a second shape that pops in near the centre
 later and moves on its own, drawn over or under the first (occlusion): "..., then a blue circle
-appears". The prompt lists the events in the
-order they happen within the clip's frames. Predicting a frame needs history: the position and the
+appears". The prompt lists the events in the order they happen within the clip's frames (or, with
+describe_frames, within its first frames). Predicting a frame needs history: the position and the
 velocity come from earlier frames, the identity from the first frame or the text, and an exited
 shape's return from frames several chunks back.
 
@@ -45,13 +45,16 @@ SCENARIOS = ("bounce", "turn", "exit")
 
 # prompts in the demo model's language (dfjax.synthetic.VOCABULARY: colours red, green, blue, yellow, white;
 # shapes square, circle, triangle; moves left/right/up/down, bounces, turns <dir>, leaves the frame, comes back,
-# "then a <colour> <shape> appears")
+# "then a <colour> <shape> appears"). The ones shown: prompts on which the shipped model shows every attribute
+# they name in at least 90 % of seeds at the default 33 frames (benchmarks/results/adherence.md, 16 seeds each).
+# They name no event: at 33 frames it shows none of them that often (bounces, turns and a second shape mostly
+# come after frame 33 in its training clips), and of the event-free prompts it follows "moves down" only.
 DEMO_PROMPTS = [
-    "a red square moves left",
-    "a blue circle moves up, then bounces",
-    "a green triangle moves right, then a yellow circle appears",
-    "a white square moves down, leaves the frame, then comes back",
-    "a yellow triangle moves left, then turns up",
+    "a red circle moves down",
+    "a blue triangle moves down",
+    "a green circle moves down",
+    "a white triangle moves down",
+    "a yellow circle moves down",
 ]
 # generation defaults stored with the demo model: 64x64, 33 frames (9 latent frames, 3 chunks)
 DEMO_DEFAULTS = {"height": 64, "width": 64, "frames": 33, "fps": 8}
@@ -66,6 +69,10 @@ class SyntheticConfig:
     speed: tuple[float, float] = (0.8, 1.6)  # pixels per frame
     second_shape_p: float = 0.5
     scenario_p: tuple[float, float, float] = (0.45, 0.3, 0.25)  # bounce, turn, exit
+    # > 0: the prompt names only the events before this frame, and the clip goes on past it unnamed (a prompt then
+    # says what the first frames show, not the whole clip); 0: every event of the clip. The shipped demo model
+    # was trained with 0, where a prompt without an event ("a red square moves left") is 0.7 % of the clips
+    describe_frames: int = 0
 
 
 @dataclass
@@ -222,7 +229,7 @@ def clip_spec(index: int, seed: int = 0, cfg: SyntheticConfig = SyntheticConfig(
         second = (c2, s2, appear)
         obj2 = dict(colour=c2, shape=s2, pos=pos2, visible=vis2, radius=r2)
         draw = [first, obj2] if rng.uniform() < 0.5 else [obj2, first]  # draw order: who occludes whom
-    clip = Clip(None, _describe(c1, s1, events, second, cfg.frames), [first] + [o for o in draw if o is not first])
+    clip = Clip(None, _describe(c1, s1, events, second, cfg.describe_frames or cfg.frames), [first] + [o for o in draw if o is not first])
     clip.draw_order = draw
     return clip
 

@@ -95,6 +95,11 @@ class TrainConfig:
     clips: int = 16384  # DiT training clips; the VAE trains on the first vae_clips of them
     vae_clips: int = 4096
     workers: int = 0  # processes drawing clips (0: all cores)
+    # the data mix (dfjax.synthetic.SyntheticConfig): prompts that name only the events before this frame (0: all of
+    # the clip's; the shipped model), and the speed range of the shapes that bounce or turn (pixels per frame)
+    describe_frames: int = 0
+    speed_min: float = 0.8
+    speed_max: float = 1.6
     deadline: float = 0.0  # > 0: the DiT's time budget shrinks so that the whole run ends within this many seconds
     # VAE
     vae_steps: int = 3000
@@ -129,6 +134,14 @@ class TrainConfig:
                              f"got {self.frames}.")
         if (self.vae_window - 1) % 4 or self.vae_window > self.frames:
             raise ValueError(f"vae_window must be 4k+1 and at most frames, got {self.vae_window}.")
+        if not 0 <= self.describe_frames <= self.frames or not 0 < self.speed_min <= self.speed_max:
+            raise ValueError(f"describe_frames must be in 0 .. frames and 0 < speed_min <= speed_max, got "
+                             f"{self.describe_frames}, {self.speed_min}, {self.speed_max}.")
+
+    def synthetic(self) -> SyntheticConfig:
+        """The clips and prompts this run trains on."""
+        return SyntheticConfig(height=self.height, width=self.width, frames=self.frames,
+                               speed=(self.speed_min, self.speed_max), describe_frames=self.describe_frames)
 
 
 def model_configs(size: str, vocab_size: int):
@@ -626,7 +639,7 @@ def train(cfg: TrainConfig, out: str | Path, log=print, sampling: dict | None = 
 
     t_start = time.perf_counter()
     out = Path(out)
-    synth = SyntheticConfig(height=cfg.height, width=cfg.width, frames=cfg.frames)
+    synth = cfg.synthetic()
     workers = cfg.workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     # every clip is drawn before JAX starts a backend (no fork after that)
@@ -716,7 +729,7 @@ def preview_videos(dit, text, vae, tokenizer, cfg: TrainConfig, sampling: dict, 
     from dfjax.pipeline import Generator, RunConfig
     from dfjax.synthetic import clip_spec, to_uint8
 
-    synth = SyntheticConfig(height=cfg.height, width=cfg.width, frames=cfg.frames)
+    synth = cfg.synthetic()
     prompts = [clip_spec(20_000_000 + i, cfg.seed, synth).prompt for i in range(num)]
     run = RunConfig(video=VideoShape(cfg.height, cfg.width, cfg.frames), attn_impl="xla",
                     sampling=SamplingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sampling.items()}))

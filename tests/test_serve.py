@@ -34,6 +34,9 @@ from dfjax.serve import FRAME_HEADER, ProtocolError, ServeConfig, parse_message
 
 FPS = 16
 QUEUE = 3
+# prompts of the demo's language whose shape stays in view all video (content checks: no blank frame)
+IN_VIEW = ("a blue circle moves up, then bounces", "a yellow triangle moves left, then turns up",
+           "a green triangle moves right, then a yellow circle appears")
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the environment says
 
 
@@ -251,7 +254,7 @@ def test_bad_and_hostile_input_is_answered_and_the_session_goes_on(server):
         assert answer(json.dumps({"type": "switch", "prompt": "a red square"})) == "not_started"
         assert answer(json.dumps({"type": "stop"})) == "not_started"
         # after all that the same connection still makes a whole video
-        ws.send(json.dumps({"type": "start", "prompt": DEMO_PROMPTS[4], "seed": 1, "pace": "fast"}))
+        ws.send(json.dumps({"type": "start", "prompt": IN_VIEW[1], "seed": 1, "pace": "fast"}))
         recv_until(ws, "started")
         assert answer(json.dumps({"type": "start", "prompt": "a red square"})) == "already_started"
         assert answer("{") == "bad_json"  # mid-stream too
@@ -343,7 +346,7 @@ def test_many_clients_wait_in_a_bounded_queue_or_get_busy(server):
 def test_batch_api_makes_a_playable_mp4(server, tmp_path):
     from dfjax.video import read_mp4_frames, read_mp4_info
 
-    status, job = server.json("/api/jobs", "POST", {"prompt": DEMO_PROMPTS[2], "seed": 4})
+    status, job = server.json("/api/jobs", "POST", {"prompt": IN_VIEW[2], "seed": 4})
     assert status == 202 and re.fullmatch(r"[0-9a-f]{32}", job["id"]) and job["status"] in ("queued", "running")
     url = job["status_url"]
 
@@ -406,11 +409,11 @@ def test_a_browser_plays_the_video_as_it_is_made(server, tmp_path):
         wait_for(lambda: view("state") == "ready", 15, "the page to connect")
         prompt = driver.find_element(By.ID, "prompt")
         prompt.clear()
-        prompt.send_keys(DEMO_PROMPTS[1])
+        prompt.send_keys(IN_VIEW[0])
         driver.find_element(By.ID, "start").click()
         first = wait_for(lambda: (lambda s: s and s["shown"] >= 2 and s["std"] > 5 and s)(view("sample()")), 20,
                          "non-blank frames on the page")
-        driver.find_element(By.ID, "next-prompt").send_keys(DEMO_PROMPTS[4])
+        driver.find_element(By.ID, "next-prompt").send_keys(IN_VIEW[1])
         driver.find_element(By.ID, "switch").click()
         later = wait_for(lambda: (lambda s: s["shown"] >= first["shown"] + 6 and s)(view("sample()")), 10,
                          "more frames")

@@ -152,8 +152,9 @@
   const figures = () => {
     const now = performance.now();
     while (S.arrivals.length && S.arrivals[0] < now - 2000) S.arrivals.shift();
-    const span = S.firstAt === null ? 0 : Math.min(2000, now - S.firstAt);
-    const fps = span > 250 ? S.arrivals.length / (span / 1000) : null;
+    const n = S.arrivals.length;  // frames of the last 2 s: (n - 1) intervals between the first and the last
+    const fps = n >= 3 && S.arrivals[n - 1] > S.arrivals[0] ? (n - 1) / ((S.arrivals[n - 1] - S.arrivals[0]) / 1000)
+      : null;
     $("f-ttff").textContent = S.ttff === null ? "–" : `${S.ttff.toFixed(2)} s`;
     $("f-fps").textContent = fps === null ? "–" : fps.toFixed(1);
     $("f-behind").textContent = S.behind === null ? "–" : String(S.behind);

@@ -151,3 +151,28 @@ def test_the_same_seed_gives_the_same_video_across_processes_modes_and_load(tmp_
     (made,) = (tmp_path / "many").glob("*.mp4")
     a, b = read_mp4_frames(tmp_path / "a.mp4"), read_mp4_frames(made)
     assert a.shape == b.shape and a.std() > 1 and np.array_equal(a, b)
+
+
+def test_sigterm_and_ctrl_c_leave_no_video_and_print_one_line(tmp_path):
+    """Killed mid-video (the mp4 being written), generate removes its partial file and says so in one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", DFJAX_CACHE=str(tmp_path / "cache"))
+    procs = {sig: subprocess.Popen([sys.executable, "-m", "dfjax.cli", "generate", "--out", str(tmp_path / f"{sig}.mp4"),
+                                    "--frames", "117", "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
+             for sig in (signal.SIGTERM, signal.SIGINT)}
+    deadline = time.time() + 240
+    for sig, p in procs.items():  # wait until the video is being written, then stop it
+        while not (tmp_path / f".{sig}.mp4.partial.mp4").exists():
+            assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+            time.sleep(0.05)
+        p.send_signal(sig)
+    for sig, p in procs.items():
+        assert p.wait(timeout=60) == 130
+        err = p.stderr.read().strip().splitlines()
+        assert err == ["dfjax: interrupted; nothing half-written was left under a final name."], err
+    assert not [q.name for q in tmp_path.iterdir() if q.name.endswith(".mp4")]  # neither a video nor a partial one

@@ -408,6 +408,10 @@ class Engine:
         import jax
 
         jax.monitoring.register_event_duration_secs_listener(self._listener)
+        # transformers 5 resolves its names lazily; resolved first in a thread while another thread imports, a name
+        # can fail to import ("Could not import module 'AutoTokenizer'", seen on the GPU machine): resolve them here
+        from transformers import AutoTokenizer, T5Tokenizer  # noqa: F401
+
         self._thread = threading.Thread(target=self._main, name="dfjax-device", daemon=True)
         self._thread.start()
 

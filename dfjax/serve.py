@@ -408,10 +408,6 @@ class Engine:
         import jax
 
         jax.monitoring.register_event_duration_secs_listener(self._listener)
-        # transformers 5 resolves its names lazily; resolved first in a thread while another thread imports, a name
-        # can fail to import ("Could not import module 'AutoTokenizer'", seen on the GPU machine): resolve them here
-        from transformers import AutoTokenizer, T5Tokenizer  # noqa: F401
-
         self._thread = threading.Thread(target=self._main, name="dfjax-device", daemon=True)
         self._thread.start()
 
@@ -1152,6 +1148,11 @@ class ServerThread:
         self.url = self.server.url
 
     def __enter__(self):
+        # transformers 5 (5.17 on the GPU machine) fails to resolve its lazy AutoTokenizer from a thread other than
+        # the main one ("Could not import module 'AutoTokenizer'"); this server's start-up runs in one: resolve it here
+        from transformers import AutoTokenizer, T5Tokenizer  # noqa: F401
+
+
         import uvicorn
 
         self.uv = self.server.uvicorn = uvicorn.Server(uvicorn_config(self.server.make_app(), self.cfg))

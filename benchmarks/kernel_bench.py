@@ -1,8 +1,8 @@
 """Attention kernel benchmark: every impl checked against the reference, then timed.
 
-    python3 benchmarks/kernels.py            # on the GPU: every impl at the model's real shapes
-    python3 benchmarks/kernels.py --sweep    # on the GPU: Triton tilings of the pallas kernel
-    python3 benchmarks/kernels.py --smoke    # anywhere: tiny shapes, pallas in interpret mode
+    python3 benchmarks/kernel_bench.py            # on the GPU: every impl at the model's real shapes
+    python3 benchmarks/kernel_bench.py --sweep    # on the GPU: Triton tilings of the pallas kernel
+    python3 benchmarks/kernel_bench.py --smoke    # anywhere: tiny shapes, pallas in interpret mode
 
 Cases (B=1, D=128, 12 heads, bf16 unless named): "paf" = Dummy Forcing's two head groups,
 sink+dummy heads over 4 latent frames and neighbour heads over 6, for a chunk of 3 frames;

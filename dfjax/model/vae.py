@@ -460,7 +460,7 @@ class _JitChannelsLast:
 
     XLA's layout heuristic gives every 3D convolution NCDHW, and cuDNN then transposes each
     activation to NHWC and back: asking for NHWC took the 480P decode of 81 frames from 0.93 s to
-    0.70 s on an H100 (benchmarks/profile.py, 2026-11-25). Other backends compile as usual. The
+    0.70 s on an H100 (benchmarks/profile_video.py, 2026-11-25). Other backends compile as usual. The
     backend is looked up at the first call, not at import (jax.distributed must initialise first).
     """
 

@@ -1,7 +1,7 @@
 """Where one video's diffusion time goes: per-chunk times and a per-kernel profile of the 1.3B DiT.
 
-    python3 benchmarks/profile.py --resolution 480p --modes baseline dummy vae   # on the GPU
-    python3 benchmarks/profile.py --resolution 64x96 --tiny                  # anywhere (smoke run)
+    python3 benchmarks/profile_video.py --resolution 480p --modes baseline dummy vae   # on the GPU
+    python3 benchmarks/profile_video.py --resolution 64x96 --tiny                  # anywhere (smoke run)
 
 For each generator mode (and "vae", the streaming decode of one video's latents): random weights, compile, one warm-up video, then (1) each chunk timed with a sync
 after it (chunk ar_start+1 of Dummy Forcing includes the plan: scoring, DHP, head permutation and

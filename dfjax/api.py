@@ -4,9 +4,9 @@
 
     pipe = dfjax.load()                                  # the built-in demo model
     frames = pipe.generate("a red square moves left", seed=0)    # uint8 [frames, height, width, 3]
-    for chunk in pipe.stream("a blue circle moves up", seed=1):  # decoded chunks as soon as each is made
+    for chunk in pipe.stream("a blue triangle moves down", seed=1):  # decoded chunks as soon as each is made
         print(chunk.index, chunk.frames.shape)
-    pipe.make_video("a white square moves down", seed=2, out="square.mp4")
+    pipe.make_video("a green circle moves down", seed=2, out="circle.mp4")
 
     pipe = dfjax.load("models/sf-1.3b", resolution="480p", dummy_forcing=True)
 

@@ -3,7 +3,7 @@
     import dfjax
 
     pipe = dfjax.load()                                  # the built-in demo model
-    frames = pipe.generate("a red square moves left", seed=0)    # uint8 [frames, height, width, 3]
+    frames = pipe.generate("a red circle moves down", seed=0)    # uint8 [frames, height, width, 3]
     for chunk in pipe.stream("a blue triangle moves down", seed=1):  # decoded chunks as soon as each is made
         print(chunk.index, chunk.frames.shape)
     pipe.make_video("a green circle moves down", seed=2, out="circle.mp4")

@@ -288,6 +288,10 @@ def generate_many(a, info, folder, run, fps, plan, items) -> None:
              "neither the prompt nor the settings in the name; they are left as they are and made again under "
              "names keyed by prompt, seed and settings.")
     todo = J.pending(mine, a.overwrite)
+    if not todo:  # all made already: nothing to load or compile
+        if not a.quiet:
+            print_summary([], len(mine))
+        return
     model = VideoModel.load(folder, a.dtype)
     pipes = {w.group: VideoPipeline(model, run, plan=plan, mesh=w.mesh if w.mesh.size > 1 else None, fps=fps)
              for w in work}

@@ -397,7 +397,8 @@ class Engine:
 
     # -- compiles ---------------------------------------------------------------------------------
     def _on_jax_event(self, event: str, duration: float, **kwargs) -> None:
-        if event.endswith("backend_compile_duration"):
+        # a program compiled by XLA, or read back from JAX's persistent compilation cache (a compile all the same)
+        if event.endswith(("backend_compile_duration", "compilation_cache/cache_retrieval_time_sec")):
             self.compile_events += 1
             self.compiles[self.phase] += 1
             self.metrics.compiles.labels(self.phase).inc()

@@ -49,9 +49,13 @@ def test_prompt_file_dummy_forcing_profile_and_resume(tmp_path):
     assert [f[:12] for f in files] == ["00000_seed3_", "00001_seed0_"]
     manifest = [json.loads(line) for line in (out / "manifest-00000.jsonl").read_text().splitlines()]
     assert sorted(r["seed"] for r in manifest) == [0, 3] and all(r["timing"]["e2e_s"] > 0 for r in manifest)
-    stamp = (out / files[0]).stat().st_mtime_ns
-    assert main(args + ["--profile", str(profile)]) == 0  # a rerun skips finished videos
-    assert (out / files[0]).stat().st_mtime_ns == stamp
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files}
+    assert main(args) == 0  # a rerun skips the videos made with this prompt, seed and settings
+    assert {f: (out / f).stat().st_mtime_ns for f in files} == stamps and len(list(out.glob("*.mp4"))) == 2
+    prompts.write_text('{"prompt": "a blue circle bounces", "seed": 3}\n{"prompt": "a red circle moves down"}\n')
+    assert main(args) == 0  # an edited prompt is made again, under its own name; the unchanged one is skipped
+    now = sorted(p.name for p in out.glob("*.mp4"))
+    assert len(now) == 3 and files[0] in now and (out / files[0]).stat().st_mtime_ns == stamps[files[0]]
     assert json.loads(profile.read_text())["num_dummy"] > 0
 
 

@@ -64,7 +64,9 @@ def test_a_second_video_compiles_nothing(on_mesh):
         jax.block_until_ready(gen.generate(context(), seed=0))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert "/jax/core/compile/backend_compile_duration" not in compiles
+    # neither an XLA compile nor a program read back from the persistent compilation cache (tests/conftest.py)
+    assert not {"/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec"} & set(
+        compiles), compiles
 
 
 def test_online_dummy_forcing_keeps_a_bounded_number_of_plan_steps():

@@ -622,6 +622,7 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
+    formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *rest: f"dfjax: note: {message}\n"  # one line, no source line
     try:
         t0 = time.perf_counter()
@@ -637,6 +638,7 @@ def main(argv=None) -> int:
         print(f"dfjax: error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
+        warnings.formatwarning = formatwarning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if not getattr(args, "quiet", False):

@@ -180,3 +180,20 @@ def test_sigterm_and_ctrl_c_leave_no_video_and_print_one_line(tmp_path):
         err = p.stderr.read().strip().splitlines()
         assert err == ["dfjax: interrupted; nothing half-written was left under a final name."], err
     assert not [q.name for q in tmp_path.iterdir() if q.name.endswith(".mp4")]  # neither a video nor a partial one
+
+
+def test_a_frame_wise_model_folder_generates_one_latent_frame_per_chunk(tmp_path):
+    """A model folder recording Causal Forcing++'s sampling (chunks of 1 latent frame, 2 steps, a 4-step first
+    chunk, as `dfjax convert --family causal-forcing-framewise --steps 2` writes) is generated with it."""
+    from dfjax.convert.families import FAMILIES, records
+
+    folder = tmp_path / "framewise"
+    shutil.copytree(demo_model_folder(), folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta.update(records(FAMILIES["causal-forcing-framewise"], steps=2))
+    (folder / "config.json").write_text(json.dumps(meta))
+    out, timing = tmp_path / "f.mp4", tmp_path / "t.json"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red circle moves down", "--frames", "9",
+                 "--out", str(out), "--timing-json", str(timing), "--quiet"]) == 0
+    t = json.loads(timing.read_text())[0]
+    assert len(t["chunk_s"]) == 3 and read_mp4_info(out)["frames"] == 9  # 3 latent frames, one chunk each

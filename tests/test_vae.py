@@ -21,7 +21,7 @@ from flax import nnx
 
 from dfjax.convert.common import ConversionError
 from dfjax.convert.vae import convert_vae, infer_vae_config, read_vae_checkpoint
-from dfjax.model.vae import WanVAE, WanVAEConfig, decode, decode_chunk, encode, init_decoder_cache
+from dfjax.model.vae import AttentionBlock, WanVAE, WanVAEConfig, decode, decode_chunk, encode, init_decoder_cache
 from dfjax.params import assign_params, flat_state
 
 ATOL = 2e-5
@@ -173,7 +173,11 @@ def test_malformed_checkpoint_names_the_key(hf_sd, break_it, named):
 
 # ---------------------------------------------------------------- decoder
 
-def test_decode_matches_diffusers(hf_vae, model, latents):
+@pytest.mark.parametrize("max_logits", [None, 700])  # 700: the mid block's queries in 5 blocks, the last padded
+def test_decode_matches_diffusers(hf_vae, model, latents, max_logits, monkeypatch):
+    if max_logits:
+        monkeypatch.setattr(AttentionBlock, "max_logits", max_logits)
+    decode.clear_cache()  # the block count is read at trace time
     raw = latents * np.asarray(CFG.latents_std, np.float32) + np.asarray(CFG.latents_mean, np.float32)
     with torch.no_grad():
         want = _ndhwc(hf_vae.decode(_torch(raw)).sample)  # diffusers decodes un-normalised latents
@@ -181,6 +185,7 @@ def test_decode_matches_diffusers(hf_vae, model, latents):
     assert got.shape == want.shape == (1, CFG.num_frames(LATENT[0]), 32, 48, 3)
     assert np.mean(np.abs(want) < 1) > 0.5  # mostly unclamped, so the comparison sees the network
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    decode.clear_cache()
 
 
 @pytest.mark.parametrize("chunks", [(1, 1, 1, 1, 1), (2, 3)])

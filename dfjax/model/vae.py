@@ -217,7 +217,15 @@ class ResBlock(nnx.Module):
 
 
 class AttentionBlock(nnx.Module):
-    """Single-head self-attention over the pixels of each frame (no attention across time)."""
+    """Single-head self-attention over the pixels of each frame (no attention across time).
+
+    The queries go in blocks so that no block's logits exceed `max_logits` elements: a 1080P frame has
+    32640 latent pixels, and one [32640, 32640] fp32 logits matrix per frame (12.8 GB for a chunk of
+    three) is what made the 1080P decode compile and run slowly. Each query row's softmax is its own,
+    so blocking the queries changes no result.
+    """
+
+    max_logits = 2**28  # elements of one query block's fp32 logits (1 GiB); 480P stays one block
 
     def __init__(self, dim: int, *, cfg: WanVAEConfig, rngs: nnx.Rngs):
         self.norm = RMSNorm(dim, cfg=cfg)
@@ -226,12 +234,24 @@ class AttentionBlock(nnx.Module):
 
     def __call__(self, x):
         b, t, h, w, c = x.shape
-        qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3, c)  # channels are [q | k | v]
+        n = h * w
+        qkv = self.to_qkv(self.norm(x)).reshape(b * t, n, 3, c)  # channels are [q | k | v]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         prec = _precision(q.dtype)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=prec, preferred_element_type=jnp.float32)
-        p = jax.nn.softmax(logits / math.sqrt(c), axis=-1).astype(v.dtype)
-        o = jnp.einsum("bqk,bkc->bqc", p, v, precision=prec)
+
+        def attend(q):  # q [b*t, m, c] -> [b*t, m, c]
+            logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=prec, preferred_element_type=jnp.float32)
+            p = jax.nn.softmax(logits / math.sqrt(c), axis=-1).astype(v.dtype)
+            return jnp.einsum("bqk,bkc->bqc", p, v, precision=prec)
+
+        blocks = -(-b * t * n * n // self.max_logits)
+        if blocks == 1:
+            o = attend(q)
+        else:  # equal blocks of queries, the last padded; one compiled body in a loop
+            size = -(-n // blocks)
+            qb = jnp.pad(q, ((0, 0), (0, blocks * size - n), (0, 0))).reshape(b * t, blocks, size, c)
+            o = jax.lax.map(attend, qb.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+            o = o.reshape(b * t, blocks * size, c)[:, :n]
         return x + self.proj(o.reshape(b, t, h, w, c))
 
 

@@ -163,13 +163,14 @@ def options(a):
     from dfjax.api import Options
 
     dummy = a.dummy_forcing or bool(a.profile)
-    if dummy and (a.cache is not None or a.sink_frames is not None or a.window_frames is not None):
+    cache, sink, window = (getattr(a, n, None) for n in ("cache", "sink_frames", "window_frames"))  # not calibrate's
+    if dummy and (cache is not None or sink is not None or window is not None):
         raise UsageError("--cache, --sink-frames and --window-frames set the cache without Dummy Forcing; Dummy "
                          "Forcing gives each head type its own cache (--local-context-length sets the neighbour "
                          "heads' window). Drop one of them.")
     return Options(resolution=a.resolution, height=a.height, width=a.width, frames=a.frames,
-                   seconds=a.seconds, fps=getattr(a, "fps", None), cache=a.cache, sink_frames=a.sink_frames,
-                   window_frames=a.window_frames, dummy_forcing=dummy, num_dummy=a.num_dummy, ar_start=a.ar_start,
+                   seconds=a.seconds, fps=getattr(a, "fps", None), cache=cache, sink_frames=sink,
+                   window_frames=window, dummy_forcing=dummy, num_dummy=a.num_dummy, ar_start=a.ar_start,
                    local_context_length=a.local_context_length, paper_dummy=a.paper_dummy, query_rows=a.query_rows,
                    long_context=a.long_context,
                    stream=getattr(a, "stream", False), attn_impl=a.attn_impl, dtype=a.dtype, seed=a.seed)

@@ -7,6 +7,7 @@ diffusers WanTransformer3DModel names (a folder or a state dict).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -379,13 +380,14 @@ def read_transformer_state(src: str | Path, ema: bool = True, entry: str | None 
 
 
 def expected_params(cfg: WanConfig) -> dict:
-    """{flat key: ShapeDtypeStruct} of the DiT `cfg` describes (nothing allocated)."""
+    """{flat key: ShapeDtypeStruct} of the DiT `cfg` describes, as a model folder stores it (nothing allocated):
+    unquantised, also for a config with fp8 on (such a folder is quantised as it loads, dfjax.t2v)."""
     from flax import nnx
 
     from dfjax.model.transformer import WanDiT
     from dfjax.params import abstract_params
 
-    return abstract_params(lambda: WanDiT(cfg, nnx.Rngs(0)))
+    return abstract_params(lambda: WanDiT(dataclasses.replace(cfg, fp8=False), nnx.Rngs(0)))
 
 
 def convert_transformer(sd: dict, cfg: WanConfig, stream: bool = False, expected: dict | None = None):

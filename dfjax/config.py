@@ -49,8 +49,13 @@ class WanConfig:
     param_dtype: str = "bfloat16"  # linear weights
     norm_dtype: str = "float32"  # norm weights, modulation tables and the time embedding
     dtype: str = "bfloat16"  # matmul / attention compute
+    # The blocks' linears (attention q/k/v/o, FFN) in float8_e4m3fn with per-channel weight scales and per-token
+    # activation scales (dfjax.model.fp8, docs/fp8.md); embeddings, head, norms and attention stay as above.
+    fp8: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"fp8 must be true or false, got {self.fp8!r}.")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}.")
         if self.head_dim % 2 or self.head_dim < 6:

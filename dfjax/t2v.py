@@ -7,6 +7,7 @@ go to a background mp4 writer, so the first frames exist long before the video i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from flax import nnx
 
 from dfjax.config import WanConfig, config_from_dict
 from dfjax.dummy import HeadPlan
+from dfjax.model.fp8 import quantize_params
 from dfjax.model.transformer import WanDiT
 from dfjax.model.vae import WanVAE, WanVAEConfig, decode_chunk, init_decoder_cache
 from dfjax.model_io import ModelFolderError, load_params, read_config
@@ -28,12 +30,17 @@ from dfjax.video import Mp4Writer, to_uint8
 PARTS = ("transformer", "text_encoder", "vae", "tokenizer")
 
 
-def load_transformer(folder, dtype: str | None = None) -> WanDiT:
+def load_transformer(folder, dtype: str | None = None, fp8: bool | None = None) -> WanDiT:
+    """The folder's DiT; dtype: the compute dtype, fp8: the blocks' linears in fp8 (None: the folder's choice for
+    both). The checkpoint holds the unquantised weights (bf16 or fp32); fp8 quantises them as they load."""
     cfg = config_from_dict(WanConfig, read_config(folder)["transformer"])
-    if dtype:
-        cfg = WanConfig(**{**cfg.__dict__, "dtype": dtype})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("dtype", dtype or None), ("fp8", fp8)) if v is not None})
+    stored = lambda: WanDiT(dataclasses.replace(cfg, fp8=False), nnx.Rngs(0))
+    flat = load_params(folder, "transformer", abstract_params(stored))
     make = lambda: WanDiT(cfg, nnx.Rngs(0))
-    return assign_params(nnx.eval_shape(make), load_params(folder, "transformer", abstract_params(make)))
+    if cfg.fp8:
+        flat = quantize_params(flat, abstract_params(make))
+    return assign_params(nnx.eval_shape(make), flat)
 
 
 def load_vae(folder) -> WanVAE:
@@ -68,9 +75,9 @@ class VideoModel:
     vae: WanVAE
 
     @classmethod
-    def load(cls, folder, dtype: str | None = None) -> "VideoModel":
+    def load(cls, folder, dtype: str | None = None, fp8: bool | None = None) -> "VideoModel":
         check_model_folder(folder)
-        return cls(load_transformer(folder, dtype), TextEncoder.from_model_folder(folder), load_vae(folder))
+        return cls(load_transformer(folder, dtype, fp8), TextEncoder.from_model_folder(folder), load_vae(folder))
 
 
 @dataclass

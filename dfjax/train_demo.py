@@ -582,7 +582,8 @@ def repack(src: str | Path, out: str | Path) -> Path:
     meta = read_config(src)
     text_cfg = UMT5Config(**meta["text_encoder"])
     text = load_params(src, "text_encoder", abstract_params(lambda: UMT5Encoder(text_cfg, nnx.Rngs(0))))
-    params = {"transformer": _stored(to_numpy(flat_state(load_transformer(src)))), "text_encoder": to_numpy(text),
+    dit = load_transformer(src, fp8=False)  # the stored (unquantised) weights, whatever the folder runs with
+    params = {"transformer": _stored(to_numpy(flat_state(dit))), "text_encoder": to_numpy(text),
               "vae": _stored(to_numpy(flat_state(load_vae(src))))}
     config = {k: v for k, v in meta.items() if k not in ("format", "version")}
     return write_model_folder(out, config, params, copy_dirs={"tokenizer": src / "tokenizer"}, overwrite=True)

@@ -61,6 +61,8 @@ def permute_heads(model: nnx.Module, permutation) -> None:
         for lin in (attn.q, attn.k, attn.v):
             lin.kernel.set_value(lin.kernel[...][:, cols])
             lin.bias.set_value(lin.bias[...][cols])
+            if lin.fp8:  # the per-output-channel scale goes with its column (o's scales are of its outputs: kept)
+                lin.scale.set_value(lin.scale[...][cols])
         attn.norm_q.set_value(attn.norm_q[...][cols])
         attn.norm_k.set_value(attn.norm_k[...][cols])
         attn.o.kernel.set_value(attn.o.kernel[...][cols, :])

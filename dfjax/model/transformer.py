@@ -11,7 +11,9 @@ ChunkStep (traced: where the chunk starts, whether this is the cache-refresh for
 inputs). The model knows no algorithm beyond the cache layout it is given.
 
 Parameter dtypes: linear weights in `param_dtype`; norm weights, modulation tables and the time
-embedding in `norm_dtype` (fp32). The residual stream stays fp32; matmuls run in `dtype`.
+embedding in `norm_dtype` (fp32). The residual stream stays fp32; matmuls run in `dtype`. With `cfg.fp8` the
+blocks' linears (attention q/k/v/o, FFN) keep float8_e4m3fn kernels with per-channel scales and multiply in
+fp8 (dfjax.model.fp8, docs/fp8.md); the embeddings and the head do not.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flax import nnx
 from dfjax.cache import KVCache
 from dfjax.config import WanConfig, dtype_of
 from dfjax.kernels.attention import attention, grouped_attention
+from dfjax.model.fp8 import fp8_matmul, quantize_weight
 from dfjax.model.rope import RopeTables, apply_rope, rope_cos_sin
 
 
@@ -90,19 +93,30 @@ def timestep_sinusoid(t, dim: int):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias with the kernel in param_dtype and the matmul in dtype."""
+    """y = x @ kernel + bias with the kernel in param_dtype and the matmul in dtype.
 
-    def __init__(self, din, dout, cfg: WanConfig, rngs: nnx.Rngs, param_dtype=None):
+    fp8: the kernel is kept in float8_e4m3fn with a float32 per-output-channel `scale`, and the matmul runs on fp8
+    operands (the activation quantised per token at call time; dfjax.model.fp8)."""
+
+    def __init__(self, din, dout, cfg: WanConfig, rngs: nnx.Rngs, param_dtype=None, fp8: bool = False):
         pd = dtype_of(param_dtype or cfg.param_dtype)
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), pd) * (1.0 / math.sqrt(din)))
+        kernel = jax.random.normal(rngs.params(), (din, dout), pd) * (1.0 / math.sqrt(din))
+        if fp8:
+            kernel, scale = quantize_weight(kernel)
+            self.scale = nnx.Param(scale)
+        self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((dout,), pd))
         self.dtype = dtype_of(cfg.dtype)
+        self.fp8 = fp8
 
     def __call__(self, x):
-        # The matmul accumulates in fp32 on every backend but writes `dtype`: an fp32 output would be
-        # written to memory and read back by the bias/activation fusion (twice the bytes), and the
-        # bias (and GELU) can then fold into the GEMM's epilogue.
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=self.dtype)
+        if self.fp8:
+            y = fp8_matmul(x, self.kernel[...], self.scale[...], self.dtype)
+        else:
+            # The matmul accumulates in fp32 on every backend but writes `dtype`: an fp32 output would be
+            # written to memory and read back by the bias/activation fusion (twice the bytes), and the
+            # bias (and GELU) can then fold into the GEMM's epilogue.
+            y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=self.dtype)
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -115,10 +129,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.q = Linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.k = Linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.v = Linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.o = Linear(cfg.dim, cfg.dim, cfg, rngs)
+        self.q = Linear(cfg.dim, cfg.dim, cfg, rngs, fp8=cfg.fp8)
+        self.k = Linear(cfg.dim, cfg.dim, cfg, rngs, fp8=cfg.fp8)
+        self.v = Linear(cfg.dim, cfg.dim, cfg, rngs, fp8=cfg.fp8)
+        self.o = Linear(cfg.dim, cfg.dim, cfg, rngs, fp8=cfg.fp8)
         self.norm_q = norm_param(cfg.dim, cfg)
         self.norm_k = norm_param(cfg.dim, cfg)
 
@@ -174,8 +188,8 @@ class Block(nnx.Module):
         self.cross_attn = CrossAttention(cfg, rngs)
         self.norm3_weight = norm_param(cfg.dim, cfg)
         self.norm3_bias = norm_param(cfg.dim, cfg, 0.0)
-        self.ffn_in = Linear(cfg.dim, cfg.ffn_dim, cfg, rngs)
-        self.ffn_out = Linear(cfg.ffn_dim, cfg.dim, cfg, rngs)
+        self.ffn_in = Linear(cfg.dim, cfg.ffn_dim, cfg, rngs, fp8=cfg.fp8)
+        self.ffn_out = Linear(cfg.ffn_dim, cfg.dim, cfg, rngs, fp8=cfg.fp8)
 
     def __call__(self, x, e0, text_kv, rope, groups, call: ChunkCall, step: ChunkStep, layer: int):
         """x [B, L, dim] fp32 residual stream; e0 [B, F, 6, dim] per-frame modulation."""

@@ -1,0 +1,69 @@
+"""fp8 (e4m3) linear layers: per-output-channel weight scales, per-token dynamic activation scales (docs/fp8.md).
+
+A kernel w [din, dout] is stored as q = w / s_w in float8_e4m3fn with s_w [dout] = amax over din / 448 (fp32).
+At call time each token's activation row x [din] is quantised the same way (s_x = row amax / 448, computed in
+fp32), the two fp8 operands go into one dot_general that accumulates in fp32 and writes the compute dtype, and
+the product is rescaled by outer(s_x, s_w):  x @ w ~= (q_x @ q_w) * s_x[:, None] * s_w[None, :].
+
+Everything here is a pure function of arrays; the model (dfjax.model.transformer.Linear) decides where it is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn (it has no infinities: an overflow would be NaN, hence the clip)
+
+
+def _scale_and_cast(x, amax):
+    """(x / s clipped to +-448, in e4m3; s = amax / 448, fp32), with s = 1 where amax is 0 (an all-zero row)."""
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    return jnp.clip(x / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3), scale
+
+
+def quantize_weight(kernel) -> tuple[jax.Array, jax.Array]:
+    """kernel [din, dout] -> (float8_e4m3fn [din, dout], float32 scale [dout]): one scale per output channel."""
+    w = kernel.astype(jnp.float32)
+    return _scale_and_cast(w, jnp.max(jnp.abs(w), axis=0))
+
+
+def quantize_activation(x) -> tuple[jax.Array, jax.Array]:
+    """x [..., din] -> (float8_e4m3fn [..., din], float32 scale [..., 1]): one scale per token (row), in fp32."""
+    xf = x.astype(jnp.float32)
+    return _scale_and_cast(xf, jnp.max(jnp.abs(xf), axis=-1, keepdims=True))
+
+
+def fp8_matmul(x, kernel_q, kernel_scale, out_dtype=jnp.bfloat16):
+    """x [..., din] (any float dtype) @ a quantised kernel (quantize_weight's pair) -> [..., dout] in out_dtype.
+
+    The matmul itself has two float8_e4m3fn operands (an fp8 GEMM where the device has one; XLA:CPU widens them);
+    it accumulates in fp32 and writes out_dtype, then the outer product of the scales is applied in fp32.
+    """
+    xq, sx = quantize_activation(x)
+    y = jax.lax.dot_general(xq, kernel_q, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+    return (y.astype(jnp.float32) * sx * kernel_scale).astype(out_dtype)
+
+
+def quantize_params(flat: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat parameter dict (dfjax.params keys) of an unquantised model -> the one of its fp8 version.
+
+    `like` is the fp8 model's own parameter spec (dfjax.params.abstract_params): every "<name>.scale" it has, beside
+    a float8_e4m3fn "<name>.kernel", is made from flat's "<name>.kernel" (quantize_weight); every other parameter
+    passes through (assign_params casts it). A dict that holds the scales already is returned as it is.
+    """
+    quantize = jax.jit(quantize_weight)
+    out = dict(flat)
+    for key in like:
+        if not key.endswith(".scale") or key in flat:
+            continue
+        kernel = key[: -len("scale")] + "kernel"
+        if kernel not in like or jnp.dtype(like[kernel].dtype) != jnp.dtype(E4M3):
+            raise ValueError(f"parameter {key}: a scale without a float8_e4m3fn kernel {kernel} beside it.")
+        if kernel not in flat:
+            raise ValueError(f"parameter {kernel} is missing: nothing to quantise for {key}.")
+        out[kernel], out[key] = quantize(flat[kernel])
+    return out

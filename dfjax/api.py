@@ -9,6 +9,7 @@
     pipe.make_video("a green circle moves down", seed=2, out="circle.mp4")
 
     pipe = dfjax.load("models/sf-1.3b", resolution="480p", dummy_forcing=True)
+    pipe = dfjax.load("models/sf-1.3b", fp8=True)        # the DiT blocks' linears in fp8 (docs/fp8.md)
 
 Options a call leaves out come from the model folder (the size it was trained at, its family's sampling, cache
 and Dummy Forcing settings, see docs/checkpoints.md), then dfjax's defaults. `dfjax generate` is this API.
@@ -50,6 +51,7 @@ class Options:
     stream: bool = False  # the stream-batch sampler (dfjax.stream)
     attn_impl: str = "auto"
     dtype: str | None = None  # compute dtype
+    fp8: bool | None = None  # the DiT blocks' linears in fp8 e4m3 (docs/fp8.md); None: the model folder's choice
     seed: int = 0  # seeds Dummy Forcing's query-row sample
 
     def __post_init__(self):
@@ -77,6 +79,8 @@ class Options:
             raise OptionError(f"query_rows must be 'release', 'paper' or 'exact', got {self.query_rows!r}.")
         if self.dtype not in (None, "bfloat16", "float32"):
             raise OptionError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}.")
+        if self.fp8 is not None and not isinstance(self.fp8, bool):
+            raise OptionError(f"fp8 must be True, False or None (the model folder's choice), got {self.fp8!r}.")
         if isinstance(self.long_context, str) and self.long_context not in LONG_CONTEXT_BASELINES:
             if not self.long_context.isdigit():
                 raise OptionError(f"long_context {self.long_context!r}: give a baseline "
@@ -150,4 +154,4 @@ def load(model: str | Path | None = None, *, profile=None, mesh=None, **options)
     if plan is not None:
         t = meta["transformer"]
         plan.validate(t["num_layers"], t["num_heads"])
-    return VideoPipeline(VideoModel.load(folder, opts.dtype), run, plan=plan, mesh=mesh, fps=fps)
+    return VideoPipeline(VideoModel.load(folder, opts.dtype, opts.fp8), run, plan=plan, mesh=mesh, fps=fps)

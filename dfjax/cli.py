@@ -173,7 +173,15 @@ def options(a):
                    window_frames=window, dummy_forcing=dummy, num_dummy=a.num_dummy, ar_start=a.ar_start,
                    local_context_length=a.local_context_length, paper_dummy=a.paper_dummy, query_rows=a.query_rows,
                    long_context=a.long_context,
-                   stream=getattr(a, "stream", False), attn_impl=a.attn_impl, dtype=a.dtype, seed=a.seed)
+                   stream=getattr(a, "stream", False), attn_impl=a.attn_impl, dtype=a.dtype, fp8=a.fp8, seed=a.seed)
+
+
+def linears(opts, meta) -> str:
+    """How the DiT's block linears run, for the run's printout: the option, else the model folder's choice."""
+    t = meta["transformer"]
+    if (t.get("fp8", False) if opts.fp8 is None else opts.fp8):
+        return "fp8 e4m3 (per-channel weight, per-token activation scales; docs/fp8.md)"
+    return opts.dtype or t.get("dtype", "bfloat16")
 
 
 def load_plan(a, meta):
@@ -235,7 +243,7 @@ def cmd_generate(a) -> None:
     if not a.quiet:
         warn_outside_the_demo(folder, run, [p for p, _ in items])
     if job is None:
-        return generate_many(a, info, folder, run, fps, plan, items)
+        return generate_many(a, info, folder, run, fps, plan, items, linears(opts, meta))
     timeline = []
     if a.timeline:
         from dfjax.t2v import switch_chunks
@@ -246,11 +254,12 @@ def cmd_generate(a) -> None:
         if run.stream:
             raise UsageError("--timeline: the stream-batch sampler cannot change the prompt during a video; drop "
                              "--stream.")
-    pipeline = VideoPipeline(VideoModel.load(folder, a.dtype), run, plan=plan, fps=fps)
+    pipeline = VideoPipeline(VideoModel.load(folder, opts.dtype, opts.fp8), run, plan=plan, fps=fps)
     t = pipeline.make_video(job.prompt, job.seed, job.out, progress=not a.quiet, timeline=timeline,
                             recache=not a.no_recache)
     if not a.quiet:
         print_timing(job.out, t)
+        print(f"  DiT linears: {linears(opts, meta)}")
         plan = pipeline.generator.stats.last_plan
         if plan is not None:
             from dfjax.dummy.forcing import context_summary
@@ -263,7 +272,7 @@ def cmd_generate(a) -> None:
         Path(a.timing_json).write_text(json.dumps([record], indent=2))
 
 
-def generate_many(a, info, folder, run, fps, plan, items) -> None:
+def generate_many(a, info, folder, run, fps, plan, items, dit_linears: str) -> None:
     """A prompt file over this process's data groups (dfjax.distributed): each group makes its share of
     the videos on its own devices, writes a manifest line per video, and skips finished ones (a video's name
     carries a key of its prompt, seed and settings)."""
@@ -278,6 +287,8 @@ def generate_many(a, info, folder, run, fps, plan, items) -> None:
     mesh_cfg = MeshConfig.load(a.mesh) if a.mesh else MeshConfig(data=1, tensor=1)
     settings = {"run": run, "mesh": mesh_cfg.to_dict(), "model": dist.model_fingerprint(folder),
                 "plan": plan and plan.to_json(), "fps": fps}
+    if a.fp8 is not None:  # an override of the folder's choice makes other videos (runs without one keep their keys)
+        settings["fp8"] = a.fp8
     dist.check_agreement({**settings, "prompts": items, "versions": dist.versions()}, info)
     work, manifest, out_dir = dist.local_work(items, a.out or "out", mesh_cfg, info, a.per_host_output,
                                               settings=dist.fingerprint(settings))
@@ -293,7 +304,7 @@ def generate_many(a, info, folder, run, fps, plan, items) -> None:
         if not a.quiet:
             print_summary([], len(mine))
         return
-    model = VideoModel.load(folder, a.dtype)
+    model = VideoModel.load(folder, a.dtype, a.fp8)
     pipes = {w.group: VideoPipeline(model, run, plan=plan, mesh=w.mesh if w.mesh.size > 1 else None, fps=fps)
              for w in work}
     done, lock = [0], threading.Lock()
@@ -313,7 +324,7 @@ def generate_many(a, info, folder, run, fps, plan, items) -> None:
         on_skip=lambda job: a.quiet or dist.log(f"skip {job.out.name} (made earlier with this prompt, seed and "
                                                 "settings; --overwrite to redo)", info=info, all_processes=True))
     if not a.quiet:
-        print_summary(records, len(mine) - len(todo))
+        print_summary(records, len(mine) - len(todo), dit_linears)
     if a.save_profile:
         saved = [p.generator.stats.last_plan for p in pipes.values() if p.generator.stats.last_plan is not None]
         if saved and info.is_main:
@@ -322,7 +333,7 @@ def generate_many(a, info, folder, run, fps, plan, items) -> None:
         Path(a.timing_json).write_text(json.dumps(records, indent=2))
 
 
-def print_summary(records: list[dict], skipped: int) -> None:
+def print_summary(records: list[dict], skipped: int, dit_linears: str | None = None) -> None:
     if not records:
         print(f"{skipped} video(s) already made, none to do.")
         return
@@ -333,6 +344,8 @@ def print_summary(records: list[dict], skipped: int) -> None:
             ("diffusion", f"{sum(x['diffusion_s'] for x in t):.1f} s "
                           f"({frames / sum(x['diffusion_s'] for x in t):.1f} FPS)"),
             ("compile (apart)", f"{sum(x['compile_s'] for x in t):.1f} s")]
+    if dit_linears:
+        rows.append(("DiT linears", dit_linears))
     for name, value in rows:
         print(f"  {name:16s} {value}")
 
@@ -362,7 +375,7 @@ def cmd_calibrate(a) -> None:
     meta = check_model_folder(folder)
     run, _ = run_config(meta, opts)
     warn_outside_the_demo(folder, run, [p for p, _ in items])
-    model = VideoModel.load(folder, a.dtype)
+    model = VideoModel.load(folder, opts.dtype, opts.fp8)
     gen = Generator(model.dit, run)
     scores = []
     for prompt, seed in items:
@@ -372,7 +385,8 @@ def cmd_calibrate(a) -> None:
     plan = gen.dummy.plan_from_scores(mean)
     plan.save(a.out)
     print(f"wrote {a.out}: {plan.num_dummy} dummy heads of {cfg.num_layers * cfg.num_heads}, from "
-          f"{len(items)} prompt(s); mean current-chunk mass {float(np.mean(mean[..., 2])):.3f}")
+          f"{len(items)} prompt(s); mean current-chunk mass {float(np.mean(mean[..., 2])):.3f}; DiT linears: "
+          f"{linears(opts, meta)}")
 
 
 # ---------------------------------------------------------------- serve
@@ -449,6 +463,10 @@ def add_video_options(p, calibrate: bool = False) -> None:
         v.add_argument("--fps", type=float, help="frames per second of the mp4")
     c = p.add_argument_group("compute")
     c.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the model folder's)")
+    c.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help="the DiT blocks' linears (attention q/k/v/o, FFN) in fp8 e4m3: per-channel weight and "
+                        "per-token activation scales, quantised as the model loads (docs/fp8.md); --no-fp8: off "
+                        "(default: the model folder's choice, else off)")
     c.add_argument("--attn-impl", default="auto", choices=kernels.IMPLS,
                    help="attention kernel (default: the fastest for the device, dtype and mesh)")
     if not calibrate:

@@ -433,7 +433,8 @@ class Engine:
             self.pipe = self.make_pipeline()
             self.describe()
             load_s = time.perf_counter() - t0
-            self.log(f"loaded in {load_s:.1f} s; compiling (a warm-up video)")
+            fp8 = "; DiT linears in fp8 e4m3 (docs/fp8.md)" if self.pipe.model.dit.cfg.fp8 else ""
+            self.log(f"loaded in {load_s:.1f} s{fp8}; compiling (a warm-up video)")
             self.warm_up()
         except BaseException as e:  # reported by serve(); the server stops
             self.state, self.error = "failed", " ".join(str(e).split()) or type(e).__name__

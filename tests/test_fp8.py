@@ -1,6 +1,6 @@
 """fp8 (e4m3) linears (dfjax.model.fp8, docs/fp8.md): the quantised matmul within its error bound, an f8 x f8 dot
 in the lowered program, a tiny DiT against its unquantised weights, fp8 at load time from a bf16 folder, head
-permutation and sharding rules of the scales.
+permutation and sharding rules of the scales, and the CLI option.
 
 XLA:CPU runs float8_e4m3fn dots (it widens the operands itself), so nothing here needs a GPU.
 """
@@ -190,7 +190,7 @@ def test_scales_shard_like_their_kernels_output_axis():
         assert param_logical_axes(key) == param_logical_axes(key[:-5] + "kernel")[-1:], key
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- loading and the option
 
 def test_a_bf16_folder_loads_in_fp8(tmp_path):
     from dfjax.model_io import write_model_folder
@@ -212,3 +212,20 @@ def test_a_bf16_folder_loads_in_fp8(tmp_path):
     with pytest.raises(ValueError, match="fp8 must be true or false"):
         WanConfig(**{**meta["transformer"], "patch": (1, 2, 2), "fp8": "yes"})
 
+
+def test_the_cli_option_overrides_the_folder():
+    from dfjax.api import OptionError, Options
+    from dfjax.cli import build_parser, linears, options
+
+    for argv, want in (([], None), (["--fp8"], True), (["--no-fp8"], False)):
+        for command in ("generate", "calibrate", "serve"):
+            extra = ["--prompts", "p.txt", "--out", "p.json"] if command == "calibrate" else []
+            a = build_parser().parse_args([command, *extra, *argv])
+            if command == "calibrate":  # as cmd_calibrate sets them
+                a.dummy_forcing, a.profile, a.stream = True, None, False
+            assert a.fp8 is want and options(a).fp8 is want
+    meta = {"transformer": {"fp8": True, "dtype": "float32"}}
+    assert linears(Options(), meta).startswith("fp8 e4m3") and linears(Options(fp8=False), meta) == "float32"
+    assert linears(Options(fp8=True), {"transformer": {}}).startswith("fp8 e4m3")
+    with pytest.raises(OptionError, match="fp8 must be True, False or None"):
+        Options(fp8="yes")

@@ -21,7 +21,7 @@ from flax import nnx
 
 from dfjax.convert.common import ConversionError
 from dfjax.convert.vae import convert_vae, infer_vae_config, read_vae_checkpoint
-from dfjax.model.vae import AttentionBlock, WanVAE, WanVAEConfig, decode, decode_chunk, encode, init_decoder_cache
+from dfjax.model.vae import AttentionBlock, WanDecoder, WanVAE, WanVAEConfig, decode, decode_chunk, encode, init_decoder_cache
 from dfjax.params import assign_params, flat_state
 
 ATOL = 2e-5
@@ -173,11 +173,15 @@ def test_malformed_checkpoint_names_the_key(hf_sd, break_it, named):
 
 # ---------------------------------------------------------------- decoder
 
-@pytest.mark.parametrize("max_logits", [None, 700])  # 700: the mid block's queries in 5 blocks, the last padded
-def test_decode_matches_diffusers(hf_vae, model, latents, max_logits, monkeypatch):
-    if max_logits:
-        monkeypatch.setattr(AttentionBlock, "max_logits", max_logits)
-    decode.clear_cache()  # the block count is read at trace time
+# split: the mid block's queries in 5 blocks (the last padded), or one latent frame per decoder pass
+@pytest.mark.parametrize("split", [None, "queries", "frames"])
+def test_decode_matches_diffusers(hf_vae, model, latents, split, monkeypatch):
+    if split == "queries":
+        monkeypatch.setattr(AttentionBlock, "max_logits", 700)
+    if split == "frames":
+        monkeypatch.setattr(WanDecoder, "max_elements", 1000)
+        assert nnx.merge(*model).decoder.frames_per_pass(*LATENT[1:]) == 1
+    decode.clear_cache()  # both are read at trace time
     raw = latents * np.asarray(CFG.latents_std, np.float32) + np.asarray(CFG.latents_mean, np.float32)
     with torch.no_grad():
         want = _ndhwc(hf_vae.decode(_torch(raw)).sample)  # diffusers decodes un-normalised latents

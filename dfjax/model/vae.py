@@ -377,6 +377,30 @@ class WanDecoder(nnx.Module):
                 f"latents {z.shape} do not fit the cache (batch {want[0]}, latent {want[2]}x{want[3]}, "
                 f"{cfg.z_dim} channels); make the cache with init_decoder_cache for this size."
             )
+        step = self.frames_per_pass(*z.shape[2:4])
+        pieces = []
+        for start in range(0, z.shape[1], step):
+            pixels, cache = self._decode(z[:, start : start + step], cache)
+            pieces.append(pixels)
+        return jnp.concatenate(pieces, axis=1), cache
+
+    # cuDNN's convolutions index with 32-bit integers: a tensor of 2^31 elements or more gets slow fallback
+    # kernels (a 1080P chunk of 12 frames is 4.8e9 elements at the last upsampler; autotuning its first decode
+    # took 159 s and more). So a chunk is decoded a few latent frames at a time, as the release decodes one:
+    # the causal caches make that exact.
+    max_elements = 2**31 - 1
+
+    def frames_per_pass(self, latent_h: int, latent_w: int) -> int:
+        """Latent frames per pass such that the largest full-resolution tensors stay under max_elements: the
+        last upsampler's input (the width before it, at full size) and the causal convs after it (two cache
+        frames more)."""
+        f, pixels = self.cfg.temporal_factor, latent_h * latent_w * self.cfg.spatial_factor**2
+        wide, last = self.up_blocks[-2].resnets[-1].conv2.cin, self.conv_out.cin
+        fits = lambda s: max(f * s * pixels * wide, (f * s + 2) * pixels * last) <= self.max_elements
+        return next((s for s in range(64, 1, -1) if fits(s)), 1)
+
+    def _decode(self, z, cache: DecoderCache):
+        cfg = self.cfg
         first = not cache.started
         frames = cache.frames
         mean = jnp.asarray(cfg.latents_mean, jnp.float32)

@@ -50,7 +50,17 @@ def _run_config(mode, resolution, frames, tiny, attn_impl):
                      attn_impl=attn_impl, stream=mode.endswith("stream"))
 
 
-def _random_models(tiny: bool):
+def _dit_config(tiny: bool, model: str = "1.3b", fp8: bool = False):
+    from dfjax.config import WanConfig
+
+    if tiny:
+        cfg = WanConfig.tiny(in_channels=16, out_channels=16)
+    else:
+        cfg = WanConfig.wan_14b() if model == "14b" else WanConfig.wan_1_3b()
+    return WanConfig(**{**cfg.__dict__, "fp8": True}) if fp8 else cfg
+
+
+def _random_models(tiny: bool, model: str = "1.3b", fp8: bool = False):
     """DiT, UMT5 encoder and VAE with random weights.
 
     Built eagerly, one small jitted initializer per distinct parameter shape: jitting the whole
@@ -59,15 +69,14 @@ def _random_models(tiny: bool):
     import jax
     from flax import nnx
 
-    from dfjax.config import WanConfig
     from dfjax.model.text_encoder import UMT5Config, UMT5Encoder
     from dfjax.model.transformer import WanDiT
     from dfjax.model.vae import WanVAE, WanVAEConfig
 
     if tiny:
-        cfgs = (WanConfig.tiny(in_channels=16, out_channels=16), UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False))
+        cfgs = (_dit_config(tiny, model, fp8), UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False))
     else:
-        cfgs = (WanConfig.wan_1_3b(), UMT5Config.xxl(), WanVAEConfig(with_encoder=False))
+        cfgs = (_dit_config(tiny, model, fp8), UMT5Config.xxl(), WanVAEConfig(with_encoder=False))
     models = (WanDiT(cfgs[0], nnx.Rngs(0)), UMT5Encoder(cfgs[1], nnx.Rngs(1)), WanVAE(cfgs[2], rngs=nnx.Rngs(2)))
     jax.block_until_ready(nnx.state(models))
     return models
@@ -126,20 +135,19 @@ def _attention_seconds(gen, run, runs):
     return total
 
 
-def run_long(mode, resolution, frames, tiny, attn_impl) -> dict:
+def run_long(mode, resolution, frames, tiny, attn_impl, model="1.3b", fp8=False) -> dict:
     """One long video's DiT, chunk by chunk (each synced): per-chunk seconds and the device's peak memory, to see
     that both stay flat once the caches are full. A random text context stands in for the encoder."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from dfjax.config import WanConfig
     from dfjax.dummy.forcing import context_summary
     from dfjax.model.transformer import WanDiT
     from dfjax.pipeline import Generator
 
     run = _run_config(mode, resolution, frames, tiny, attn_impl)
-    dit = WanDiT(WanConfig.tiny(in_channels=16, out_channels=16) if tiny else WanConfig.wan_1_3b(), nnx.Rngs(0))
+    dit = WanDiT(_dit_config(tiny, model, fp8), nnx.Rngs(0))
     gen = Generator(dit, run)
     ctx = jax.random.normal(jax.random.PRNGKey(3), (1, dit.cfg.text_len, dit.cfg.text_dim), jnp.bfloat16)
     kv = gen.text_kv(ctx)
@@ -147,24 +155,26 @@ def run_long(mode, resolution, frames, tiny, attn_impl) -> dict:
         if r.index >= 3:
             break
     progress(f"{mode} {resolution} {frames} frames: compiled ({gen.stats.compile_s:.1f} s)")
-    times, t0 = [], time.perf_counter()
+    times, in_use, peak, t0 = [], [], [], time.perf_counter()
     for r in gen.chunks(kv, seed=0):
         r.latents.block_until_ready()
         times.append(time.perf_counter() - t0)
+        stats = jax.devices()[0].memory_stats() or {}  # after each chunk: memory held, and the peak so far
+        in_use.append(stats.get("bytes_in_use", 0) / 2**30)
+        peak.append(stats.get("peak_bytes_in_use", 0) / 2**30)
         t0 = time.perf_counter()
-    stats = jax.devices()[0].memory_stats() or {}
     plan = gen.stats.last_plan
     return {"mode": mode, "resolution": resolution if not tiny else "tiny", "frames": frames, "long": True,
-            "chunk_s": times, "diffusion_s": sum(times), "diffusion_fps": frames / sum(times),
-            "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": gen.stats.compile_s,
+            "model": model, "fp8": fp8, "chunk_s": times, "diffusion_s": sum(times), "diffusion_fps": frames / sum(times),
+            "mem_gib": in_use, "peak_gib": peak, "peak_mem_gib": peak[-1], "compile_s": gen.stats.compile_s,
             "plan": None if plan is None else context_summary(plan, run.sampling.chunk_frames,
                                                                 run.dummy.long_context)}
 
 
-def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=True, mesh_of_one=False) -> dict:
+def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=True, mesh_of_one=False, model="1.3b",
+            fp8=False) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from dfjax.cache import init_cache
@@ -172,11 +182,12 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     from dfjax.model.vae import decode_chunk, init_decoder_cache
     from dfjax.pipeline import Generator
     from dfjax.sharding import MeshConfig
+    from dfjax.t2v import decode_chunks
     from dfjax.video import Mp4Writer
 
     run = _run_config(mode, resolution, frames, tiny, attn_impl)
     progress(mode, resolution, "building random models")
-    dit, t5, vae = _random_models(tiny)
+    dit, t5, vae = _random_models(tiny, model, fp8)
     progress("models ready")
     # mesh_of_one: the sharded code path (NamedShardings, jit with in/out shardings) on a 1x1 mesh
     mesh = MeshConfig(data=1, tensor=1).mesh(jax.devices()[:1]) if mesh_of_one else None
@@ -204,17 +215,16 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     except ImportError:
         mp4_dir = None
 
-    def e2e():
+    def e2e():  # as dfjax generate does it: chunk k decoded and copied while chunk k + 1 is denoised
         t0 = time.perf_counter()
         kv = text()
-        cache = init_decoder_cache(vae.cfg, 1, h, w)
         writer = None if mp4_dir is None else Mp4Writer(Path(mp4_dir) / "e2e.mp4", fps=16)
-        for r in gen.chunks(kv, seed=0):
-            pixels, cache = decode_chunk(vae_graph, vae_state, r.latents, cache)
-            frames_u8 = np.asarray(jnp.clip((pixels[0] + 1) * 127.5, 0, 255).astype(jnp.uint8))
+        made = ((r.latents, r.index) for r in gen.chunks(kv, seed=0))
+        decode = lambda z, cache: decode_chunk(vae_graph, vae_state, z, cache)
+        for index, frames_u8 in decode_chunks(made, decode, init_decoder_cache(vae.cfg, 1, h, w)):
             if writer is not None:
                 writer.write(frames_u8)
-            if r.index == 0:
+            if index == 0:
                 first["s"] = time.perf_counter() - t0
         if writer is not None:
             writer.close()
@@ -264,6 +274,7 @@ def run_one(mode, resolution, frames, runs, tiny, attn_impl, attention_share=Tru
     n = run.video.frames
     result = {
         "mode": mode, "resolution": resolution if not tiny else "tiny", "frames": n, "attn_impl": attn_impl,
+        "model": model, "fp8": fp8,
         "mesh": "1x1" if mesh_of_one else None,
         "runs_timed": runs,
         "diffusion_s": med(diff_times), "diffusion_s_all": diff_times, "diffusion_fps": n / med(diff_times),
@@ -308,19 +319,20 @@ def environment() -> dict:
 def print_table(runs: list[dict]) -> None:
     if runs and runs[0].get("long"):
         print(f"{'mode':12s} {'res':6s} {'frames':>6s} {'diff s':>8s} {'FPS':>6s} {'chunk s: first 10':>17s} "
-              f"{'last 10':>8s} {'max':>6s} {'peak GiB':>8s}")
+              f"{'last 10':>8s} {'max':>6s} {'GiB held: chunk 10':>18s} {'last':>6s} {'peak GiB':>8s}")
         for r in runs:
-            c = r["chunk_s"]
+            c, m = r["chunk_s"], r.get("mem_gib") or [float("nan")] * 11
             med = lambda xs: statistics.median(xs)
             print(f"{r['mode']:12s} {r['resolution']:6s} {r['frames']:6d} {r['diffusion_s']:8.2f} "
                   f"{r['diffusion_fps']:6.2f} {med(c[1:11]):17.3f} {med(c[-10:]):8.3f} {max(c[1:]):6.3f} "
-                  f"{r['peak_mem_gib']:8.2f}")
+                  f"{m[min(10, len(m) - 1)]:18.2f} {m[-1]:6.2f} {r['peak_mem_gib']:8.2f}")
         return
-    head = f"{'mode':9s} {'res':6s} {'diff s':>7s} {'diff FPS':>8s} {'e2e s':>7s} {'e2e FPS':>7s} " \
+    label = lambda r: r["mode"] + (" 14b" if r.get("model") == "14b" else "") + (" fp8" if r.get("fp8") else "")
+    head = f"{'mode':16s} {'res':6s} {'diff s':>7s} {'diff FPS':>8s} {'e2e s':>7s} {'e2e FPS':>7s} " \
            f"{'1st chunk':>9s} {'attn s':>7s} {'compile':>7s} {'peak GiB':>8s}"
     print(head)
     for r in runs:
-        print(f"{r['mode']:9s} {r['resolution']:6s} {r['diffusion_s']:7.3f} {r['diffusion_fps']:8.2f} {r['e2e_s']:7.3f} "
+        print(f"{label(r):16s} {r['resolution']:6s} {r['diffusion_s']:7.3f} {r['diffusion_fps']:8.2f} {r['e2e_s']:7.3f} "
               f"{r['e2e_fps']:7.2f} {r['first_chunk_s']:9.3f} {r['attention_s'] or float('nan'):7.3f} {r['compile_s']:7.1f} "
               f"{r['peak_mem_gib']:8.2f}")
 
@@ -341,6 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--long", action="store_true",
                    help="long videos: one video of --frames (e.g. 3841, 4 min at 16 fps), its DiT per chunk and peak "
                         "memory (modes dummy, local, long-context)")
+    p.add_argument("--model", choices=("1.3b", "14b"), default="1.3b", help="the DiT's size (random weights)")
+    p.add_argument("--fp8", action="store_true", help="the DiT's block linears in fp8 (e4m3; docs/fp8.md)")
     p.add_argument("--one", nargs=2, metavar=("MODE", "RES"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
@@ -348,10 +362,10 @@ def main(argv=None) -> int:
 
         jax.config.update("jax_default_prng_impl", "unsafe_rbg")  # fast random weights; this process only
         if a.long:
-            report(run_long(a.one[0], a.one[1], a.frames, a.tiny, a.attn_impl))
+            report(run_long(a.one[0], a.one[1], a.frames, a.tiny, a.attn_impl, a.model, a.fp8))
         else:
             report(run_one(a.one[0], a.one[1], a.frames, a.runs, a.tiny, a.attn_impl, not a.no_attention_share,
-                           a.mesh_of_one))
+                           a.mesh_of_one, a.model, a.fp8))
         return 0
     # children share compiled programs (UMT5, VAE, identical steps) through JAX's persistent cache
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dfjax" / "jax"))
@@ -365,7 +379,8 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "dfjax.bench", "--one", mode, res, "--frames", str(a.frames), "--runs",
                    str(a.runs), "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else []) + (
                        ["--no-attention-share"] if a.no_attention_share else []) + (
-                       ["--mesh-of-one"] if a.mesh_of_one else []) + (["--long"] if a.long else [])
+                       ["--mesh-of-one"] if a.mesh_of_one else []) + (["--long"] if a.long else []) + (
+                       ["--model", a.model] + (["--fp8"] if a.fp8 else []))
             # stderr (progress, errors) streams through; a run past --timeout is killed with its children
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
             try:

@@ -25,7 +25,7 @@ from dfjax.model_io import ModelFolderError, load_params, read_config
 from dfjax.params import abstract_params, assign_params
 from dfjax.pipeline import Generator, RunConfig
 from dfjax.text import TextEncoder
-from dfjax.video import Mp4Writer, to_uint8
+from dfjax.video import Mp4Writer, to_uint8_on_device
 
 PARTS = ("transformer", "text_encoder", "vae", "tokenizer")
 
@@ -82,21 +82,19 @@ class VideoModel:
 
 @dataclass
 class Timing:
+    """One video's timings in seconds, compiles apart. The stages overlap on the device (see VideoStream), so there
+    is no diffusion / VAE split here; `dfjax bench` times each stage alone."""
+
     frames: int
     text_s: float = 0.0
-    diffusion_s: float = 0.0
-    vae_s: float = 0.0
-    write_s: float = 0.0
     first_chunk_s: float = 0.0  # from the start of the run to the first decoded frames on the host
     e2e_s: float = 0.0
+    write_s: float = 0.0  # the mp4 writer's own time (its thread), for make_video
     compile_s: float = 0.0
-    chunk_s: list = field(default_factory=list)
+    chunk_s: list = field(default_factory=list)  # from one chunk on the host to the next
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["diffusion_fps"] = self.frames / self.diffusion_s if self.diffusion_s else None
-        d["e2e_fps"] = self.frames / self.e2e_s if self.e2e_s else None
-        return d
+        return {**self.__dict__, "e2e_fps": self.frames / self.e2e_s if self.e2e_s else None}
 
 
 @dataclass
@@ -109,13 +107,17 @@ class VideoChunk:
 class VideoStream:
     """The decoded chunks of one video, as they are made (an iterator of VideoChunk).
 
-    set_prompt() changes the prompt from the next chunk on (the cross-attention uses the new text; the frames
-    already made stay in the self-attention cache). `timing` fills in as chunks come; close() stops early.
+    set_prompt() changes the prompt from the next chunk asked for on (the cross-attention uses the new text; the
+    frames already made stay in the self-attention cache). one_late (see decode_chunks): chunk k is handed out once
+    chunk k + 1 is being made (the fastest, for files), so a new prompt shows from chunk k + 2; otherwise as soon
+    as it is on the host (for live viewing: a new prompt shows from chunk k + 1). `timing` fills in as chunks
+    come; close() stops early.
     """
 
     def __init__(self, pipeline: "VideoPipeline", prompt: str, seed: int, progress: bool = False,
-                 timeline: list[tuple[float, str]] | None = None, recache: bool = True):
+                 timeline: list[tuple[float, str]] | None = None, recache: bool = True, one_late: bool = True):
         self.pipeline, self.prompt, self.seed, self.recache = pipeline, check_prompt(prompt), seed, recache
+        self.one_late = one_late
         self.timing = Timing(frames=pipeline.run.video.frames)
         self._pending = None
         self._switches = switch_chunks(timeline or [], pipeline.run, pipeline.fps)  # chunk -> prompt
@@ -158,36 +160,51 @@ class VideoStream:
         text_kv = jax.block_until_ready(self._text_kv(self.prompt))
         t.text_s = time.perf_counter() - t_start
         h, w = p.run.video.latent_hw
-        cache = init_decoder_cache(p.model.vae.cfg, 1, h, w)
         compile_before = gen.stats.compile_s + p.compile_s
+        compiled = lambda: gen.stats.compile_s + p.compile_s - compile_before
         chunks = gen.chunks(text_kv, self.seed, switch=None if p.run.stream else self._switch, recache=self.recache)
+        made = ((r.latents, (r.index, self.prompt)) for r in chunks)  # the prompt a chunk was made under
+        decode = lambda z, cache: p._decoder(z, cache)(p.vae_state, z, cache)
         bar = _progress(p.run.num_chunks, self._progress)
+        last, compiled_then = time.perf_counter(), 0.0
+        cache = init_decoder_cache(p.model.vae.cfg, 1, h, w)
         try:
-            for _ in range(p.run.num_chunks):
-                t0 = time.perf_counter()
-                c0 = gen.stats.compile_s
-                result = next(chunks)
-                x0 = result.latents.block_until_ready()
-                t1 = time.perf_counter()
-                t.diffusion_s += t1 - t0 - (gen.stats.compile_s - c0)
-                c1 = p.compile_s
-                decode = p._decoder(x0, cache)
-                t2 = time.perf_counter()
-                pixels, cache = decode(p.vae_state, x0, cache)
-                frames = to_uint8(pixels[0])
-                t3 = time.perf_counter()
-                t.vae_s += t3 - t2
-                t.chunk_s.append(t3 - t0 - (p.compile_s - c1) - (gen.stats.compile_s - c0))
-                if result.index == 0:
-                    t.first_chunk_s = time.perf_counter() - t_start - (gen.stats.compile_s + p.compile_s
-                                                                       - compile_before)
+            for (index, prompt), frames in decode_chunks(made, decode, cache, self.one_late):
+                now = time.perf_counter()
+                if index == 0:
+                    t.first_chunk_s = now - t_start - compiled()
+                t.chunk_s.append(now - last - (compiled() - compiled_then))
+                last, compiled_then = now, compiled()
                 bar.update(1)
-                yield VideoChunk(result.index, frames, self.prompt)
+                yield VideoChunk(index, frames, prompt)
         finally:
             bar.close()
             chunks.close()
-        t.compile_s = gen.stats.compile_s + p.compile_s - compile_before
+        t.compile_s = compiled()
         t.e2e_s = time.perf_counter() - t_start - t.compile_s
+
+
+def decode_chunks(made, decode, cache, one_late: bool = True):
+    """(tag, uint8 frames [t, H, W, 3] on the host) for each (latents, tag) of `made`.
+
+    one_late: chunk k's decode, uint8 conversion and host copy are queued on the device, then chunk k + 1 is asked
+    for (which queues its denoising), and only then are chunk k's frames handed out, so that the device never
+    waits for the host's copy, the caller's mp4 encoding or the next dispatch. Otherwise each chunk is handed out
+    as soon as it is on the host (the least latency). decode(latents, cache) -> (pixels, cache).
+    """
+    queued = None
+    for latents, tag in made:
+        pixels, cache = decode(latents, cache)
+        frames = to_uint8_on_device(pixels[0])
+        frames.copy_to_host_async()
+        if queued is not None:
+            yield queued[0], np.asarray(queued[1])
+        queued = (tag, frames)
+        if not one_late:
+            yield tag, np.asarray(frames)
+            queued = None
+    if queued is not None:
+        yield queued[0], np.asarray(queued[1])
 
 
 def chunk_start_seconds(chunk: int, run: RunConfig, fps: float) -> float:
@@ -259,10 +276,12 @@ class VideoPipeline:
         return self._decode[cache.started]
 
     def stream(self, prompt: str, seed: int = 0, progress: bool = False,
-               timeline: list[tuple[float, str]] | None = None, recache: bool = True) -> VideoStream:
+               timeline: list[tuple[float, str]] | None = None, recache: bool = True,
+               one_late: bool = True) -> VideoStream:
         """The video's decoded chunks as they are made (see VideoStream). timeline: prompt switches [(start
-        seconds, prompt), ...] after `prompt`; recache: recompute the KV cache under each new prompt."""
-        return VideoStream(self, prompt, seed, progress, timeline, recache)
+        seconds, prompt), ...] after `prompt`; recache: recompute the KV cache under each new prompt; one_late:
+        overlap each chunk's decode and copy with the next chunk (False: the least latency, for live viewing)."""
+        return VideoStream(self, prompt, seed, progress, timeline, recache, one_late)
 
     def generate(self, prompt: str, seed: int = 0, timeline: list[tuple[float, str]] | None = None,
                  recache: bool = True) -> np.ndarray:

@@ -34,7 +34,7 @@ def test_generate_writes_the_asked_video(tmp_path, monkeypatch, extra):
     info = read_mp4_info(out)
     assert info == {"frames": 33, "width": 64, "height": 48, "fps": 12.0}  # 3 chunks: stream mode streams one
     t = json.loads(timing.read_text())[0]
-    assert t["frames"] == 33 and t["e2e_s"] > 0 and t["diffusion_fps"] > 0
+    assert t["frames"] == 33 and t["e2e_s"] > 0 and t["e2e_fps"] > 0
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".mp4"] == ["v.mp4"]  # no partial file left
 
 

@@ -257,3 +257,27 @@ def test_encode_matches_diffusers(hf_vae, model):
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         encode(*model, jnp.asarray(pixels[:, :8]))
 
+
+
+@pytest.mark.parametrize("one_late", [True, False])
+def test_decode_chunks_hands_out_each_chunk_once_in_order_one_late_or_at_once(one_late):
+    from dfjax.t2v import decode_chunks
+    from dfjax.video import to_uint8
+
+    rng = np.random.default_rng(1)
+    latents = [jnp.asarray(rng.uniform(-1.2, 1.2, (1, 2, 4, 4, 3)).astype(np.float32)) for _ in range(4)]
+    asked = []
+
+    def made():
+        for k, z in enumerate(latents):
+            asked.append(k)
+            yield z, k
+
+    decode = lambda z, cache: (z * 0.9, cache + 1)  # stands in for the VAE: pixels, and a cache it threads
+    out = []
+    for k, frames in decode_chunks(made(), decode, 0, one_late):
+        assert asked[-1] == (min(k + 1, 3) if one_late else k)  # when chunk k is handed out
+        out.append((k, frames))
+    assert [k for k, _ in out] == [0, 1, 2, 3]
+    for (k, frames), z in zip(out, latents):  # the device conversion equals the host one
+        np.testing.assert_array_equal(frames, to_uint8(np.asarray(z * 0.9)[0]))

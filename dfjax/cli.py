@@ -624,12 +624,24 @@ TOOLS = {"bench": ("dfjax.bench", "the speed benchmark (see README)"),
          "long-eval": ("dfjax.long_eval", "long videos, long context and prompt switches on the demo model")}
 
 
+def use_compile_cache() -> None:
+    """Compiled programs (and XLA's autotuning results with them) persist across runs in JAX's persistent cache,
+    so that only a machine's first run at a size pays the compile: the first 1080P VAE decode autotunes for about
+    a minute. JAX_COMPILATION_CACHE_DIR picks the folder (default ~/.cache/dfjax/jax); DFJAX_COMPILE_CACHE=0 turns
+    it off. Read by JAX when it is imported, so it is set before."""
+    import os
+
+    if os.environ.get("DFJAX_COMPILE_CACHE", "1") != "0":
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dfjax" / "jax"))
+
+
 def main(argv=None) -> int:
     import os
     import signal
     import warnings
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    use_compile_cache()
     if argv and argv[0] in TOOLS:
         return __import__(TOOLS[argv[0]][0], fromlist=["main"]).main(argv[1:])
     args = build_parser().parse_args(argv)

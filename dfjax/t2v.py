@@ -108,8 +108,8 @@ class VideoStream:
     """The decoded chunks of one video, as they are made (an iterator of VideoChunk).
 
     set_prompt() changes the prompt from the next chunk asked for on (the cross-attention uses the new text; the
-    frames already made stay in the self-attention cache). one_late (see decode_chunks): chunk k is handed out once
-    chunk k + 1 is being made (the fastest, for files), so a new prompt shows from chunk k + 2; otherwise as soon
+    frames already made stay in the self-attention cache). one_late (see decode_chunks): chunk k >= 1 is handed out
+    once chunk k + 1 is being made (the fastest, for files), so a new prompt shows from chunk k + 2; otherwise as soon
     as it is on the host (for live viewing: a new prompt shows from chunk k + 1). `timing` fills in as chunks
     come; close() stops early.
     """
@@ -189,18 +189,19 @@ def decode_chunks(made, decode, cache, one_late: bool = True):
 
     one_late: chunk k's decode, uint8 conversion and host copy are queued on the device, then chunk k + 1 is asked
     for (which queues its denoising), and only then are chunk k's frames handed out, so that the device never
-    waits for the host's copy, the caller's mp4 encoding or the next dispatch. Otherwise each chunk is handed out
-    as soon as it is on the host (the least latency). decode(latents, cache) -> (pixels, cache).
+    waits for the host's copy, the caller's mp4 encoding or the next dispatch. Otherwise, and always for the
+    first chunk (time to first frame), a chunk is handed out as soon as it is on the host.
+    decode(latents, cache) -> (pixels, cache).
     """
     queued = None
-    for latents, tag in made:
+    for n, (latents, tag) in enumerate(made):
         pixels, cache = decode(latents, cache)
         frames = to_uint8_on_device(pixels[0])
         frames.copy_to_host_async()
         if queued is not None:
             yield queued[0], np.asarray(queued[1])
         queued = (tag, frames)
-        if not one_late:
+        if not one_late or n == 0:
             yield tag, np.asarray(frames)
             queued = None
     if queued is not None:

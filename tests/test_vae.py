@@ -276,7 +276,7 @@ def test_decode_chunks_hands_out_each_chunk_once_in_order_one_late_or_at_once(on
     decode = lambda z, cache: (z * 0.9, cache + 1)  # stands in for the VAE: pixels, and a cache it threads
     out = []
     for k, frames in decode_chunks(made(), decode, 0, one_late):
-        assert asked[-1] == (min(k + 1, 3) if one_late else k)  # when chunk k is handed out
+        assert asked[-1] == (min(k + 1, 3) if one_late and k else k)  # when chunk k is handed out (0: at once)
         out.append((k, frames))
     assert [k for k, _ in out] == [0, 1, 2, 3]
     for (k, frames), z in zip(out, latents):  # the device conversion equals the host one

@@ -227,8 +227,9 @@ class Generator:
         self._text_kv = self.placement.jit(lambda params, ctx: nnx.merge(self.graphdef, params).text_kv(ctx),
                                            out_shardings=self.placement.text_kv_shardings)
         # one compiled program for every plan: the permutation is a traced argument
-        self._permute = self.placement.jit(functools.partial(hma.permuted_params, self.graphdef),
-                                           out_shardings=lambda: self.placement.param_shardings(self.params))
+        self._permute = self.placement.jit(functools.partial(hma.permuted_attention, self.graphdef),
+                                           out_shardings=lambda: self.placement.param_shardings(
+                                               nnx.filter_state(self.params, hma.ATTENTION)))
         self._step_names = itertools.count()
         self._first_steps = functools.cache(self._make_step)  # the first layout's steps, kept for ever
         self._plan_steps = functools.lru_cache(maxsize=max_plan_steps)(self._make_step)
@@ -352,7 +353,8 @@ class Generator:
         """After chunk `chunk`'s refresh: the plan's layout, its per-group caches, the permuted heads."""
         state.plan, state.layout = plan, self.dummy.layout(plan)
         state.cache = self._transitions(state.layout)(state.cache, state.layout, plan, chunk)
-        state.params = self._permute(self.params, jnp.asarray(plan.permutation, jnp.int32))
+        state.params = nnx.merge_state(self.params, self._permute(self.params, jnp.asarray(plan.permutation,
+                                                                                           jnp.int32)))
 
     def _recache(self, text_kv, key, made: list, probe) -> "_VideoState":
         """The cache (and layout, params) after replaying the refresh forward of every made chunk under text_kv,

@@ -71,6 +71,24 @@ def test_permuted_model_gives_the_same_output(models):
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
 
 
+def test_permuted_params_copy_only_the_self_attention(models):
+    _, model = models
+    graphdef, params = nnx.split(model)
+    plan = a_plan()
+    got = jax.jit(lambda p, perm: hma.permuted_params(graphdef, p, perm))(params, jnp.asarray(plan.permutation))
+    permuted = nnx.merge(graphdef, params, copy=True)
+    hma.permute_heads(permuted, plan.permutation)
+    want = nnx.state(permuted)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the generator's way: jitted, only the self-attention comes out; the rest stays the model's own arrays
+    moved = jax.jit(lambda p, perm: hma.permuted_attention(graphdef, p, perm))(params, jnp.asarray(plan.permutation))
+    merged = nnx.merge_state(params, moved)
+    assert merged["blocks"][0]["ffn_in"]["kernel"][...] is params["blocks"][0]["ffn_in"]["kernel"][...]
+    assert merged["blocks"][0]["self_attn"]["q"]["kernel"][...] is not params["blocks"][0]["self_attn"]["q"]["kernel"][...]
+    assert len(jax.tree_util.tree_leaves(moved)) < len(jax.tree_util.tree_leaves(params)) / 2
+
+
 def head_masks(plan: HeadPlan, layer: int, num_chunks: int, ar_start: int, L: int):
     """[H, N*T, N*T] bool key masks of the full-prefix oracle: row chunk j uses the rule in force at j."""
     n = num_chunks * CF

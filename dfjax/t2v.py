@@ -1,8 +1,8 @@
 """Text in, mp4 out: a model folder's text encoder, DiT and VAE around the AR loop.
 
-Each chunk's latents are decoded by the streaming VAE as soon as the chunk is clean and its frames
-go to a background mp4 writer, so the first frames exist long before the video is done. Compiles
-(DiT steps, VAE decode) are done ahead of time and timed apart from the run.
+Each chunk's latents are decoded by the streaming VAE as soon as the chunk is clean, while the next
+chunk is denoised (decode_chunks), and its frames go to a background mp4 writer, so the first frames
+exist long before the video is done. Compiles (DiT steps, VAE decode) are timed apart from the run.
 """
 
 from __future__ import annotations

@@ -287,8 +287,8 @@ def generate_many(a, info, folder, run, fps, plan, items, dit_linears: str) -> N
     mesh_cfg = MeshConfig.load(a.mesh) if a.mesh else MeshConfig(data=1, tensor=1)
     settings = {"run": run, "mesh": mesh_cfg.to_dict(), "model": dist.model_fingerprint(folder),
                 "plan": plan and plan.to_json(), "fps": fps}
-    if a.fp8 is not None:  # an override of the folder's choice makes other videos (runs without one keep their keys)
-        settings["fp8"] = a.fp8
+    # an override of the folder's choice makes other videos (runs without one keep their keys)
+    settings.update({k: getattr(a, k) for k in ("fp8", "dtype") if getattr(a, k) is not None})
     dist.check_agreement({**settings, "prompts": items, "versions": dist.versions()}, info)
     work, manifest, out_dir = dist.local_work(items, a.out or "out", mesh_cfg, info, a.per_host_output,
                                               settings=dist.fingerprint(settings))

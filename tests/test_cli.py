@@ -57,6 +57,8 @@ def test_prompt_file_dummy_forcing_profile_and_resume(tmp_path):
     now = sorted(p.name for p in out.glob("*.mp4"))
     assert len(now) == 3 and files[0] in now and (out / files[0]).stat().st_mtime_ns == stamps[files[0]]
     assert json.loads(profile.read_text())["num_dummy"] > 0
+    # naming the dtype (here the folder's own, so nothing compiles anew) is a setting of its own: made again
+    assert main(args + ["--dtype", "float32"]) == 0 and len(list(out.glob("*.mp4"))) == 5
 
 
 def _bad_model_folder(tmp_path):

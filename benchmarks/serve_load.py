@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                       model_name="random-weights Wan2.1 1.3B" if not a.tiny else "random-weights tiny")
     record = {**env, "benchmark": "serve_load", "tiny": a.tiny, "resolution": "64x96" if a.tiny else a.resolution,
               "seconds": seconds, "fps": a.fps, "dummy_forcing": dummy, "attn_impl": a.attn_impl,
-              "client": "websockets (sync) in the server's process, over loopback", "sessions": []}
+              "client": "websockets (sync) in the server's process, over loopback", "runs": []}
     progress("building the random-weight models")
     t0 = time.perf_counter()
     holder = {}
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             r = session(srv.url, prompts[0], seed=i, pace=pace, fps=e.run_info["fps"],
                         switch_at=switch_at if sw else None, switch_prompt=prompts[1] if sw else None)
             r["name"] = name
-            record["sessions"].append(r)
+            record["runs"].append(r)
             record["compiles_serving"] = e.compiles["serving"]
             out.write_text(json.dumps(record, indent=2))  # kept if a later session is cut off
             print_table([r])
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
           f"{record['resolution']}, {record['frames']} frames ({seconds:g} s at {a.fps:g} fps), "
           f"{'Dummy Forcing' if dummy else 'baseline'}; start-up {record['startup_s']:.1f} s, "
           f"{record['compiles_serving']} compiles while serving")
-    print_table(record["sessions"])
+    print_table(record["runs"])
     print(f"wrote {out}")
     return 0
 

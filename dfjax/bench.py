@@ -54,10 +54,8 @@ def _dit_config(tiny: bool, model: str = "1.3b", fp8: bool = False):
     from dfjax.config import WanConfig
 
     if tiny:
-        cfg = WanConfig.tiny(in_channels=16, out_channels=16)
-    else:
-        cfg = WanConfig.wan_14b() if model == "14b" else WanConfig.wan_1_3b()
-    return WanConfig(**{**cfg.__dict__, "fp8": True}) if fp8 else cfg
+        return WanConfig.tiny(in_channels=16, out_channels=16, fp8=fp8)
+    return (WanConfig.wan_14b if model == "14b" else WanConfig.wan_1_3b)(fp8=fp8)
 
 
 def _random_models(tiny: bool, model: str = "1.3b", fp8: bool = False):

@@ -15,6 +15,7 @@ Latents are normalised per channel: encode returns (mu - mean) / std, decode tak
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import partial, wraps
 
@@ -397,6 +398,9 @@ class WanDecoder(nnx.Module):
         f, pixels = self.cfg.temporal_factor, latent_h * latent_w * self.cfg.spatial_factor**2
         wide, last = self.up_blocks[-2].resnets[-1].conv2.cin, self.conv_out.cin
         fits = lambda s: max(f * s * pixels * wide, (f * s + 2) * pixels * last) <= self.max_elements
+        if not fits(1):
+            warnings.warn(f"a {latent_h}x{latent_w} latent frame gives tensors over 2^31 elements even one at a time: "
+                          "the VAE decode will compile and run slowly (cuDNN's fallback kernels).")
         return next((s for s in range(64, 1, -1) if fits(s)), 1)
 
     def _decode(self, z, cache: DecoderCache):

@@ -5,9 +5,14 @@
 
 For each block linear's (din, dout) at one 480P chunk of tokens (3 latent frames of 30 x 52: 4680): the custom
 calls of the compiled program (a cuBLASLt fp8 GEMM is "__cublas$lt$matmul$f8"), whether the program transposes
-or copies the f8 kernel (cuBLASLt's fp8 path wants both operands K-major; the kernel is stored [din, dout]), and
-the time per call (the median of --reps timed batches of --iters calls, after a warm-up). The times include the
+or copies the f8 kernel (cuBLASLt's fp8 path wants both operands K-major; the kernel is stored [dout, din] for it), and
+the time per call (the median of --reps timed batches of --iters calls, after a warm-up; one jitted call each,
+so a call of a few tens of microseconds is partly Python dispatch). The times include the
 activation quantisation and the rescale: the whole Linear, as the DiT runs it.
+
+--parts also times the pieces, each as its own program: the f8 GEMM alone on operands quantised beforehand, with
+the kernel stored [din, dout] (as before 2026-12-02) and [dout, din] (K-major, cuBLASLt's fp8 layout, as now), with
+a bf16 and an fp32 output, and the activation quantisation alone.
 """
 
 from __future__ import annotations
@@ -45,13 +50,41 @@ def program_facts(text: str) -> dict:
     return {"custom_calls": targets, "f8_transposes_or_copies": f8_moves}
 
 
-def time_calls(fn, state, x, iters: int, reps: int) -> float:
-    jax.block_until_ready(fn(state, x))
+def parts(tokens: int, din: int, dout: int, iters: int, reps: int) -> dict:
+    """ms per call of the fp8 Linear's pieces (each jitted alone) at one (din, dout)."""
+    from dfjax.model import fp8
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (1, tokens, din), jnp.bfloat16)
+    wq_t, _ = fp8.quantize_weight(jax.random.normal(kw, (din, dout), jnp.float32) / din ** 0.5)
+    wq = jnp.asarray(wq_t.T)
+    xq, xs = fp8.quantize_activation(x)
+    nt = (((2,), (1,)), ((), ()))  # x [.., din] . w [dout, din]
+    nn = (((2,), (0,)), ((), ()))  # x [.., din] . w [din, dout]
+
+    fns = {
+        "gemm_f8_kernel_din_dout": (lambda a, b: jax.lax.dot_general(a, b, nn, preferred_element_type=jnp.bfloat16),
+                                    (xq, wq)),
+        "gemm_f8_kernel_dout_din": (lambda a, b: jax.lax.dot_general(a, b, nt, preferred_element_type=jnp.bfloat16),
+                                    (xq, wq_t)),
+        "gemm_f8_kernel_dout_din_f32_out": (
+            lambda a, b: jax.lax.dot_general(a, b, nt, preferred_element_type=jnp.float32), (xq, wq_t)),
+        "quantize_activation": (fp8.quantize_activation, (x,)),
+    }
+    out = {}
+    for name, (fn, args) in fns.items():
+        jf = jax.jit(fn)
+        out[name] = {"ms": time_calls(jf, args, iters, reps) * 1e3, **program_facts(jf.lower(*args).compile().as_text())}
+    return out
+
+
+def time_calls(fn, args, iters: int, reps: int) -> float:
+    """Seconds per call: the median over reps of a batch of iters calls, after a warm-up call."""
+    jax.block_until_ready(fn(*args))
     runs = []
     for _ in range(reps):
         t0 = time.perf_counter()
         for _ in range(iters):
-            y = fn(state, x)
+            y = fn(*args)
         jax.block_until_ready(y)
         runs.append((time.perf_counter() - t0) / iters)
     return float(np.median(runs))
@@ -62,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4680, help="rows of the activation (default: one 480P chunk)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--parts", action="store_true", help="also time the fp8 Linear's pieces (module docstring)")
     a = p.parse_args(argv)
     cfg = WanConfig(param_dtype="bfloat16", dtype="bfloat16")
     rows = []
@@ -70,9 +104,12 @@ def main(argv=None) -> int:
         row = {"linear": name, "tokens": a.tokens, "din": din, "dout": dout}
         for mode in ("bf16", "fp8"):
             fn, state, exe = compiled(Linear(din, dout, cfg, nnx.Rngs(0), fp8=mode == "fp8"), x)
-            s = time_calls(fn, state, x, a.iters, a.reps)
+            s = time_calls(fn, (state, x), a.iters, a.reps)
             row[mode] = {"ms": s * 1e3, "tflops": 2 * a.tokens * din * dout / s / 1e12, **program_facts(exe.as_text())}
         row["speedup"] = row["bf16"]["ms"] / row["fp8"]["ms"]
+        if a.parts:
+            row["parts"] = parts(a.tokens, din, dout, a.iters, a.reps)
+            print("   " + "  ".join(f"{k} {v['ms']:.3f} ms" for k, v in row["parts"].items()), flush=True)
         rows.append(row)
         print(f"{name:8s} {din:5d}x{dout:5d}  bf16 {row['bf16']['ms']:.3f} ms ({row['bf16']['tflops']:.0f} TFLOP/s)  "
               f"fp8 {row['fp8']['ms']:.3f} ms ({row['fp8']['tflops']:.0f} TFLOP/s)  x{row['speedup']:.2f}  "

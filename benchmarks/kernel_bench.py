@@ -3,6 +3,7 @@
     python3 benchmarks/kernel_bench.py            # on the GPU: every impl at the model's real shapes
     python3 benchmarks/kernel_bench.py --sweep    # on the GPU: Triton tilings of the pallas kernel
     python3 benchmarks/kernel_bench.py --smoke    # anywhere: tiny shapes, pallas in interpret mode
+    python3 benchmarks/kernel_bench.py --mosaic   # on a Hopper GPU: jax's Mosaic GPU flash attention vs cuDNN
 
 Cases (B=1, D=128, 12 heads, bf16 unless named): "paf" = Dummy Forcing's two head groups,
 sink+dummy heads over 4 latent frames and neighbour heads over 6, for a chunk of 3 frames;
@@ -13,8 +14,16 @@ rows (the ragged tail), the reference computed on the CPU once per case (it is e
 a row subset keeps it cheap at any size). Timing: inputs rotate over 3 sets (K/V of a layer are
 about L2-sized), 2 warm-up calls, then the median over 5 repeats of the mean of 10 back-to-back
 calls, synchronised with block_until_ready.
-Writes kernels-<device>-<date>.json (or kernels-sweep-...) to $OUT (if set) and to
+Writes kernels-<device>-<date>.json (or kernels-sweep-..., kernels-mosaic-...) to $OUT (if set) and to
 benchmarks/results/.
+
+--mosaic is a probe for a one-launch PAF kernel on Hopper: it times the Mosaic GPU (wgmma + TMA, warp-specialised)
+flash attention that ships with jax (jax.experimental.pallas.ops.gpu.attention_mgpu, no masking or lengths)
+against cuDNN on the same shapes, each head group alone, padded up to that kernel's block multiples (queries to
+256, keys to 128; the padded keys take part in both, so the two compute the same function and are checked
+against each other, max |a - b| / max |b|). TFLOP/s count the padded shapes. In float16: in jax 0.11.2 that
+kernel fails on bfloat16 inputs ("src had type bfloat16 and dst had type float16"); the two types cost the same
+on the tensor cores.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -177,7 +187,10 @@ def main():
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="time the pallas kernel's tilings")
     mode.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode")
+    mode.add_argument("--mosaic", action="store_true", help="jax's Mosaic GPU attention vs cuDNN (docstring)")
     args = parser.parse_args()
+    if args.mosaic:
+        return mosaic_probe()
     mode = "sweep" if args.sweep else "smoke" if args.smoke else "impls"
     on_gpu = jax.default_backend() == "gpu"
     runs = []
@@ -197,6 +210,48 @@ def main():
             write(runs, {}, mode)  # partial results survive a timeout
         del input_sets
     write(runs, summarize(runs), mode)
+
+
+MOSAIC_CONFIGS = ((64, 128, 2), (64, 64, 2), (64, 128, 3), (64, 64, 4))  # (block_q, block_kv, stages)
+
+
+def mosaic_probe():
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+    pad = lambda n, m: -(-n // m) * m
+    runs = []
+    shapes = sorted({(c.lq, h, lk if n is None else n) for c in cases("impls") if c.dtype == "bfloat16"
+                     for h, lk, n in c.groups if (lk if n is None else n) < 100_000})  # not 1080P's dense
+    for lq, h, lk in shapes:
+        lq_p, lk_p = pad(lq, 256), pad(lk, 128)
+        sets = []
+        for seed in range(3):
+            kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+            sets.append(tuple(jax.random.normal(k, (1, n, h, D), jnp.float16)
+                              for k, n in ((kq, lq_p), (kk, lk_p), (kv, lk_p))))
+        flops = 4.0 * lq_p * lk_p * h * D
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        want = np.asarray(cudnn(*sets[0]).astype(jnp.float32))
+        impls = [("cudnn", cudnn)] + [
+            (f"mosaic[{bq}x{bk},s{st}]", jax.jit(functools.partial(
+                mgpu.attention, config=mgpu.TuningConfig(block_q=bq, block_kv=bk, max_concurrent_steps=st))))
+            for bq, bk, st in MOSAIC_CONFIGS]
+        for name, fn in impls:
+            rec = {"lq": lq, "heads": h, "lk": lk, "lq_padded": lq_p, "lk_padded": lk_p, "impl": name,
+                   "gflop_padded": flops / 1e9}
+            try:
+                got = np.asarray(fn(*sets[0]).astype(jnp.float32))
+                rec["max_rel_err_vs_cudnn"] = float(np.abs(got - want).max() / np.abs(want).max())
+                rec["ms"] = timeit(fn, sets)
+                rec["tflops"] = flops / (rec["ms"] * 1e-3) / 1e12
+            except Exception as e:  # a tiling that does not compile must not cost the rest
+                rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            runs.append(rec)
+            print(f"lq {lq_p:6d} h {h:2d} lk {lk_p:6d} {name:22s} " + (
+                f"{rec['ms']:8.3f} ms {rec['tflops']:6.1f} TFLOP/s err {rec['max_rel_err_vs_cudnn']:.1e}"
+                if "ms" in rec else "FAILED " + rec["error"][:160]), flush=True)
+            write(runs, {}, "mosaic")
+    return 0
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -234,7 +289,7 @@ def write(runs: list[dict], summary: dict, mode: str):
               "git_commit": os.environ.get("GIT_COMMIT") or _git_commit(), "mode": mode,
               "default_tiling": dataclasses.asdict(paf_gpu.BlockSizes()), "summary": summary,
               "runs": runs}
-    name = f"kernels-{'sweep-' if mode == 'sweep' else ''}{slug}-{date}.json"
+    name = f"kernels-{mode + '-' if mode in ('sweep', 'mosaic') else ''}{slug}-{date}.json"
     dirs = [] if mode == "smoke" else [Path(__file__).resolve().parent / "results"]
     if os.environ.get("OUT"):
         dirs.append(Path(os.environ["OUT"]))

@@ -156,13 +156,17 @@ def _axis_size(mesh: Mesh, part) -> int:
 _ATTN = r"blocks\.\d+\.(self_attn|cross_attn)\."
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (_ATTN + r"(q|k|v)\.kernel", ("embed", "heads")),
+    (_ATTN + r"(q|k|v)\.kernel_t", ("heads", "embed")),  # fp8's kernels are stored transposed, [dout, din]
     (_ATTN + r"(q|k|v)\.(bias|scale)", ("heads",)),  # scale: fp8's per-output-channel weight scale
     (_ATTN + r"norm_(q|k)", ("heads",)),  # RMSNorm over the full width: GSPMD adds the all-reduce of the mean
     (_ATTN + r"o\.kernel", ("heads", "embed")),
+    (_ATTN + r"o\.kernel_t", ("embed", "heads")),
     (_ATTN + r"o\.(bias|scale)", ("embed",)),  # fp8: a split input's per-token amax is all-reduced (o, ffn_out)
     (r"blocks\.\d+\.ffn_in\.kernel", ("embed", "mlp")),
+    (r"blocks\.\d+\.ffn_in\.kernel_t", ("mlp", "embed")),
     (r"blocks\.\d+\.ffn_in\.(bias|scale)", ("mlp",)),
     (r"blocks\.\d+\.ffn_out\.kernel", ("mlp", "embed")),
+    (r"blocks\.\d+\.ffn_out\.kernel_t", ("embed", "mlp")),
     (r"blocks\.\d+\.ffn_out\.(bias|scale)", ("embed",)),
     (r"blocks\.\d+\.modulation", ("modulation", "embed")),
     (r"blocks\.\d+\.norm3_(weight|bias)", ("embed",)),

@@ -51,8 +51,8 @@ def rel_rms(y, ref):
     return float(np.sqrt(np.mean((y - ref) ** 2) / np.mean(ref ** 2)))
 
 
-def scaled_dot(xq, sx, wq, sw):
-    y = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16)
+def scaled_dot(xq, sx, wq_t, sw):
+    y = jax.lax.dot_general(xq, wq_t, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
     return y.astype(jnp.float32) * sx * sw
 
 
@@ -60,7 +60,7 @@ def test_fp8_matmul_is_within_its_rounding_bound_and_wrong_scales_are_not():
     x, w = operands()
     ref = x.astype(np.float64) @ w.astype(np.float64)
     wq, sw = quantize_weight(jnp.asarray(w))
-    assert wq.dtype == E4M3 and sw.shape == (DOUT,) and sw.dtype == jnp.float32
+    assert wq.dtype == E4M3 and wq.shape == (DOUT, DIN) and sw.shape == (DOUT,) and sw.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(sw), np.abs(w).max(0) / E4M3_MAX, rtol=1e-6)
     xq, sx = quantize_activation(jnp.asarray(x, jnp.bfloat16))
     assert xq.dtype == E4M3 and sx.shape == (TOKENS, 1)
@@ -87,7 +87,8 @@ def lowered_dots(lin, dtype):
 
 def test_an_fp8_linear_lowers_to_an_f8_dot():
     cfg = WanConfig.tiny(param_dtype="bfloat16", dtype="bfloat16")
-    f8_operands = re.compile(r"\(tensor<[0-9x]+xf8E4M3FN>, tensor<64x32xf8E4M3FN>\) -> tensor<[0-9x]+xbf16>")
+    # the kernel is K-major ([dout, din] = 32x64), as cuBLASLt's fp8 GEMM takes it: no transpose in the program
+    f8_operands = re.compile(r"\(tensor<[0-9x]+xf8E4M3FN>, tensor<32x64xf8E4M3FN>\) -> tensor<[0-9x]+xbf16>")
     dots = lowered_dots(Linear(64, 32, cfg, nnx.Rngs(0), fp8=True), jnp.bfloat16)
     assert len(dots) == 1 and f8_operands.search(dots[0]), dots
     dots = lowered_dots(Linear(64, 32, cfg, nnx.Rngs(0)), jnp.bfloat16)
@@ -149,8 +150,9 @@ def test_fp8_params_are_the_block_linears_quantised(models):
     quantised = sorted(k for k, v in params.items() if v.dtype == E4M3)
     names = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
              "cross_attn.v", "cross_attn.o", "ffn_in", "ffn_out"]
-    assert quantised == sorted(f"blocks.{i}.{n}.kernel" for i in range(CFG.num_layers) for n in names)
-    assert sorted(k for k in params if k.endswith(".scale")) == sorted(k[:-6] + "scale" for k in quantised)
+    assert quantised == sorted(f"blocks.{i}.{n}.kernel_t" for i in range(CFG.num_layers) for n in names)
+    assert sorted(k for k in params if k.endswith(".scale")) == sorted(k[:-8] + "scale" for k in quantised)
+    assert not any(k[:-2] in params for k in quantised)  # the unquantised kernel is gone
     assert params["head.kernel"].dtype == params["patch_embedding.kernel"].dtype == jnp.float32
     # a random fp8 model (the benchmark's) holds the same weights quantised
     assert_same_params(WanDiT(dataclasses.replace(CFG, fp8=True), nnx.Rngs(0)), fp8)
@@ -187,7 +189,9 @@ def test_scales_shard_like_their_kernels_output_axis():
     for key, a in abstract.items():
         assert len(param_logical_axes(key)) == len(a.shape), key
     for key in scales:
-        assert param_logical_axes(key) == param_logical_axes(key[:-5] + "kernel")[-1:], key
+        # kernel_t is [dout, din]: its first axis is the output's, as the kernel's last is
+        assert param_logical_axes(key) == param_logical_axes(key[:-5] + "kernel_t")[:1], key
+        assert param_logical_axes(key[:-5] + "kernel_t") == param_logical_axes(key[:-5] + "kernel")[::-1], key
 
 
 # ---------------------------------------------------------------- loading and the option
@@ -203,7 +207,7 @@ def test_a_bf16_folder_loads_in_fp8(tmp_path):
     write_model_folder(tmp_path / "old", {"transformer": old}, {"transformer": stored})  # a folder from before fp8
     assert not load_transformer(tmp_path / "old").cfg.fp8
     model = load_transformer(tmp_path / "old", fp8=True)
-    assert model.cfg.fp8 and model.blocks[0].ffn_in.kernel[...].dtype == E4M3
+    assert model.cfg.fp8 and model.blocks[0].ffn_in.kernel_t[...].dtype == E4M3
     assert_same_params(model, fp8_of(ref))
     write_model_folder(tmp_path / "fp8", {"transformer": {**old, "fp8": True}}, {"transformer": stored})
     assert_same_params(load_transformer(tmp_path / "fp8"), model)  # the folder's choice

@@ -95,23 +95,25 @@ def timestep_sinusoid(t, dim: int):
 class Linear(nnx.Module):
     """y = x @ kernel + bias with the kernel in param_dtype and the matmul in dtype.
 
-    fp8: the kernel is kept in float8_e4m3fn with a float32 per-output-channel `scale`, and the matmul runs on fp8
-    operands (the activation quantised per token at call time; dfjax.model.fp8)."""
+    fp8: the kernel is kept transposed, `kernel_t` [dout, din] in float8_e4m3fn, with a float32 per-output-channel
+    `scale`, and the matmul runs on fp8 operands (the activation quantised per token at call time;
+    dfjax.model.fp8)."""
 
     def __init__(self, din, dout, cfg: WanConfig, rngs: nnx.Rngs, param_dtype=None, fp8: bool = False):
         pd = dtype_of(param_dtype or cfg.param_dtype)
         kernel = jax.random.normal(rngs.params(), (din, dout), pd) * (1.0 / math.sqrt(din))
         if fp8:
-            kernel, scale = quantize_weight(kernel)
-            self.scale = nnx.Param(scale)
-        self.kernel = nnx.Param(kernel)
+            kernel_t, scale = quantize_weight(kernel)
+            self.kernel_t, self.scale = nnx.Param(kernel_t), nnx.Param(scale)
+        else:
+            self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((dout,), pd))
         self.dtype = dtype_of(cfg.dtype)
         self.fp8 = fp8
 
     def __call__(self, x):
         if self.fp8:
-            y = fp8_matmul(x, self.kernel[...], self.scale[...], self.dtype)
+            y = fp8_matmul(x, self.kernel_t[...], self.scale[...], self.dtype)
         else:
             # The matmul accumulates in fp32 on every backend but writes `dtype`: an fp32 output would be
             # written to memory and read back by the bias/activation fusion (twice the bytes), and the

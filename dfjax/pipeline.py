@@ -2,7 +2,9 @@
 
 Per chunk of latent frames: the few-step flow-matching schedule, each forward attending to the KV
 cache plus the chunk itself, then one cache-refresh forward at the context-noise timestep whose
-K/V stay in the cache. One jitted step does all of a chunk's forwards in a fori_loop; the chunk
+K/V stay in the cache. One jitted step runs a chunk's denoising forwards in a fori_loop, and the same
+program (a traced flag) its refresh: the chunk is yielded between the two, so its decode is queued
+ahead of the refresh, and the last chunk's refresh, which nothing would read, is not run. The chunk
 index and the schedule are traced arguments and the cache is donated, so a step compiles once per
 (config, resolution, layout, probe, schedule length) and is reused for every chunk, with no host
 sync inside.
@@ -81,14 +83,17 @@ def base_layout(model_cfg, run: RunConfig) -> AttentionLayout:
     return AttentionLayout.uniform(model_cfg.num_layers, model_cfg.num_heads, sink, window, tpf, cf)
 
 
-def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_input, clean, replay, *, shape, rope,
+def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_input, clean, refresh, *, shape, rope,
                 call: ChunkCall):
-    """All forwards of one chunk: returns (x0 of the last denoising step, cache after the refresh, probe output).
+    """One chunk's n denoising forwards (refresh False): returns (x0 of the last step, the cache, probe output);
+    or (refresh True) its refresh forward alone, on the given clean latents, which writes their K/V into the cache:
+    returns (clean, the cache after it, probe output). The same compiled program serves both (refresh is traced):
+    two calls per chunk, so that a chunk's latents can be decoded before its refresh runs (they are final after the
+    denoising steps), and a re-cache after a prompt switch replays refreshes alone.
 
     schedule: (timesteps of the n + 1 forwards, sigmas of the n steps, the sigmas after them), traced. With a
-    probe in `call`, its outputs summed over the chunk's forwards (it gives zeros where it does not measure);
-    None without one. replay (a traced bool): only the refresh forward runs, on the given clean latents (a
-    re-cache after a prompt switch); the same compiled program serves both.
+    probe in `call`, its outputs summed over the forwards run (it gives zeros where it does not measure); None
+    without one.
     """
     model = nnx.merge(graphdef, params)
     timesteps, sigmas, next_sigmas = schedule
@@ -96,7 +101,7 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_in
     sig = jnp.append(sigmas, 0.0)  # at the refresh forward x0 = x - 0*flow keeps x0
     nxt = jnp.append(next_sigmas, 0.0)
     cf = shape[1]
-    x = jnp.where(replay, clean, chunk_noise(key, chunk, 0, shape))
+    x = jnp.where(refresh, clean, chunk_noise(key, chunk, 0, shape))
     cfg = model.cfg
     probed = None if call.probe is None else call.probe.zeros(cfg.num_layers, cfg.num_heads)
 
@@ -111,8 +116,8 @@ def _chunk_step(graphdef, params, text_kv, cache, key, chunk, schedule, probe_in
         x = renoise(x0, chunk_noise(key, chunk, i + 1, shape), nxt[i])  # fresh noise at every step (Self Forcing)
         return x, x0, cache, probed
 
-    start = jnp.where(replay, n, 0)
-    _, x0, cache, probed = jax.lax.fori_loop(start, n + 1, body, (x, clean, cache, probed))
+    start, stop = jnp.where(refresh, n, 0), jnp.where(refresh, n + 1, n)
+    _, x0, cache, probed = jax.lax.fori_loop(start, stop, body, (x, clean, cache, probed))
     return x0, cache, probed
 
 
@@ -265,15 +270,14 @@ class Generator:
                                   out_shardings=lambda: self.placement.cache_shardings(layout_b))
 
     def _run_step(self, layout, probe, params, text_kv, cache, key, chunk: int, clean=None):
-        """One chunk (clean=None), or the refresh forward of a made chunk's clean latents (a re-cache)."""
+        """A chunk's denoising forwards (clean=None), or the refresh forward of its clean latents."""
         schedule = self.first_schedule if chunk == 0 else self.schedule
         rows = None
         if probe is not None and self.dummy.query_rows is not None:
             rows = jnp.asarray(self.dummy.query_rows)
         step = self.step(layout, probe, schedule[1].shape[0])
-        replay = clean is not None
         return step(params, text_kv, cache, key, jnp.int32(chunk), schedule, rows,
-                    self._no_latents if clean is None else clean, jnp.bool_(replay))
+                    self._no_latents if clean is None else clean, jnp.bool_(clean is not None))
 
     @functools.cached_property
     def _no_latents(self):
@@ -336,11 +340,14 @@ class Generator:
                 text_kv = new_kv
                 if recache:
                     state = self._recache(text_kv, key, made, probe)
-            x0, state.cache, scores = self._run_step(state.layout, probe if state.plan is None else None,
-                                                     state.params, text_kv, state.cache, key, c)
+            args = (state.layout, probe if state.plan is None else None, state.params, text_kv)
+            x0, state.cache, _ = self._run_step(*args, state.cache, key, c)
             if switch is not None:
                 made.append(x0)
-            yield ChunkResult(c, x0)
+            yield ChunkResult(c, x0)  # before the refresh: the caller can queue this chunk's decode ahead of it
+            if c == self.run.num_chunks - 1:
+                return  # the last chunk's refresh would write a cache that nothing reads
+            _, state.cache, scores = self._run_step(*args, state.cache, key, c, clean=x0)
             if df is not None and c == df.switch_chunk:
                 plan = df.plan
                 if plan is None:  # the one host sync of a video: DHP on this chunk's scores
@@ -380,7 +387,8 @@ class Generator:
         cache = self.placement.init_cache(layout, self.cache_dtype)
         key = jax.random.PRNGKey(seed)
         for c in range(df.switch_chunk + 1):
-            _, cache, scores = self._run_step(layout, df.probe, self.params, text_kv, cache, key, c)
+            x0, cache, _ = self._run_step(layout, df.probe, self.params, text_kv, cache, key, c)
+            _, cache, scores = self._run_step(layout, df.probe, self.params, text_kv, cache, key, c, clean=x0)
         return np.asarray(scores)
 
     def generate(self, context, seed: int = 0) -> jax.Array:

@@ -420,8 +420,8 @@ class Placement:
 
     def step_shardings(self, params, layout: AttentionLayout, latent_shape):
         """(in, out) shardings of a chunk step (params, text_kv, cache, key, chunk, schedule, probe input, clean
-        latents, replay) -> (x0, cache, probe output); key, chunk, schedule, the probe's input and output and the
-        replay flag are replicated."""
+        latents, refresh) -> (x0, cache, probe output); key, chunk, schedule, the probe's input and output and the
+        refresh flag are replicated."""
         rep = replicated(self.mesh)
         cache = self.cache_shardings(layout)
         latents = self.latent_sharding(latent_shape)

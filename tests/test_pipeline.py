@@ -46,6 +46,19 @@ def test_same_seed_same_latents_and_one_compile_for_all_chunks():
     assert gen.stats.trace_counts == {"step0": 1}  # 3 chunks x 2 videos, traced once
 
 
+def test_a_chunk_is_yielded_before_its_refresh_and_the_last_refresh_is_not_run():
+    """Chunk k comes out after its denoising forwards, before the refresh that caches it (a caller queues its decode
+    ahead of that), and the last chunk's refresh, which nothing reads, never runs: 2 x 3 - 1 step calls."""
+    gen = Generator(make_model(), RunConfig(video=VIDEO, sampling=SAMPLING, attn_impl="xla"))
+    calls, run_step = [], gen._run_step
+    gen._run_step = lambda *a, clean=None: calls.append("refresh" if clean is not None else "denoise") or run_step(
+        *a, clean=clean)
+    seen = [(r.index, list(calls)) for r in gen.chunks(gen.text_kv(context()), seed=3)]
+    assert seen == [(0, ["denoise"]), (1, ["denoise", "refresh", "denoise"]),
+                    (2, ["denoise", "refresh", "denoise", "refresh", "denoise"])]
+    assert len(calls) == 5
+
+
 @pytest.mark.parametrize("on_mesh", [False, True], ids=["unsharded", "mesh-of-one"])
 def test_a_second_video_compiles_nothing(on_mesh):
     """Every program of a video (steps, cache init, head permutation, transition) is compiled by the first video

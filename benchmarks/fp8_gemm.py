@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dfjax.bench import environment  # noqa: E402
 from dfjax.config import WanConfig  # noqa: E402
 from dfjax.model.transformer import Linear  # noqa: E402
 
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
               f"fp8 {row['fp8']['ms']:.3f} ms ({row['fp8']['tflops']:.0f} TFLOP/s)  x{row['speedup']:.2f}  "
               f"fp8 calls {row['fp8']['custom_calls']}  f8 moves {len(row['fp8']['f8_transposes_or_copies'])}",
               flush=True)
-    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}
+    res = {**environment(), "rows": rows}
     out = Path(os.environ.get("OUT", "/tmp/dfjax-fp8-gemm"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "fp8_gemm.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -45,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dfjax.bench import environment  # noqa: E402
 from dfjax.kernels import attention as attn  # noqa: E402
 from dfjax.kernels import paf_gpu  # noqa: E402
 
@@ -216,6 +215,9 @@ MOSAIC_CONFIGS = ((64, 128, 2), (64, 64, 2), (64, 128, 3), (64, 64, 4))  # (bloc
 
 
 def mosaic_probe():
+    if jax.default_backend() != "gpu":
+        sys.exit(f"--mosaic needs a Hopper GPU (jax's Mosaic GPU kernel uses wgmma); this is {jax.default_backend()}. "
+                 "Run it on an H100 or H200.")
     from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
 
     pad = lambda n, m: -(-n // m) * m
@@ -281,14 +283,11 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def write(runs: list[dict], summary: dict, mode: str):
-    dev = jax.devices()[0]
-    kind = dev.device_kind.lower()
-    slug = next((s for s in ("h100", "h200", "a100", "b200") if s in kind), dev.platform)
-    date = datetime.date.today().isoformat()
-    record = {"device": dev.device_kind, "num_devices": jax.device_count(),
-              "jax_version": jax.__version__, "date": date,
-              "git_commit": os.environ.get("GIT_COMMIT") or _git_commit(), "mode": mode,
-              "default_tiling": dataclasses.asdict(paf_gpu.BlockSizes()), "summary": summary,
+    env = environment()  # its commit: DFJAX_COMMIT where the checkout travels without an up-to-date .git
+    kind = env["device"].lower()
+    slug = next((s for s in ("h100", "h200", "a100", "b200") if s in kind), jax.devices()[0].platform)
+    date = env["date"]
+    record = {**env, "mode": mode, "default_tiling": dataclasses.asdict(paf_gpu.BlockSizes()), "summary": summary,
               "runs": runs}
     name = f"kernels-{mode + '-' if mode in ('sweep', 'mosaic') else ''}{slug}-{date}.json"
     dirs = [] if mode == "smoke" else [Path(__file__).resolve().parent / "results"]
@@ -297,14 +296,6 @@ def write(runs: list[dict], summary: dict, mode: str):
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dfjax.bench import environment  # noqa: E402
 from dfjax.model.vae import AttentionBlock, WanVAE, WanVAEConfig, decode_chunk, init_decoder_cache  # noqa: E402
 
 LATENT = {"480p": (60, 104), "720p": (90, 160), "1080p": (136, 240)}
@@ -36,8 +37,7 @@ def main() -> None:
     a = p.parse_args()
     jax.config.update("jax_default_prng_impl", "unsafe_rbg")
     h, w = LATENT[a.resolution]
-    out = {"resolution": a.resolution, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-           "date": time.strftime("%Y-%m-%d"), "autotune_level": a.autotune}
+    out = {"resolution": a.resolution, **environment(), "autotune_level": a.autotune}
 
     def report():
         print(json.dumps(out), flush=True)

@@ -71,10 +71,8 @@ def _random_models(tiny: bool, model: str = "1.3b", fp8: bool = False):
     from dfjax.model.transformer import WanDiT
     from dfjax.model.vae import WanVAE, WanVAEConfig
 
-    if tiny:
-        cfgs = (_dit_config(tiny, model, fp8), UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False))
-    else:
-        cfgs = (_dit_config(tiny, model, fp8), UMT5Config.xxl(), WanVAEConfig(with_encoder=False))
+    cfgs = (_dit_config(tiny, model, fp8),) + ((UMT5Config.tiny(), WanVAEConfig.tiny(with_encoder=False)) if tiny
+                                               else (UMT5Config.xxl(), WanVAEConfig(with_encoder=False)))
     models = (WanDiT(cfgs[0], nnx.Rngs(0)), UMT5Encoder(cfgs[1], nnx.Rngs(1)), WanVAE(cfgs[2], rngs=nnx.Rngs(2)))
     jax.block_until_ready(nnx.state(models))
     return models
@@ -366,7 +364,9 @@ def main(argv=None) -> int:
                            a.mesh_of_one, a.model, a.fp8))
         return 0
     # children share compiled programs (UMT5, VAE, identical steps) through JAX's persistent cache
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dfjax" / "jax"))
+    from dfjax.cli import use_compile_cache
+
+    use_compile_cache()
     env = environment()
     out = Path(a.out) if a.out else Path("benchmarks/results") / (
         f"{env['device'].replace(' ', '_')}-{env['date']}" + ("-tiny" if a.tiny else "") + ".json")

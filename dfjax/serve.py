@@ -46,7 +46,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -492,7 +492,7 @@ class Engine:
         session (a new prompt would give a new plan, so new compiles), and a second video up to the plan's first
         chunk compiles the warm-up layout's steps without the score probe. The last of these videos switches its
         prompt (before chunk 1, and before the plan's first chunk), so a switch compiles nothing later either."""
-        pipe, gen, run = self.pipe, self.pipe.generator, self.pipe.run
+        gen, run = self.pipe.generator, self.pipe.run
         t0 = time.perf_counter()
         online = gen.dummy is not None and gen.dummy.plan is None
         self._warm_video(run.num_chunks, switch=not online)

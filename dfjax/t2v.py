@@ -188,7 +188,8 @@ def decode_chunks(made, decode, cache, one_late: bool = True):
     """(tag, uint8 frames [t, H, W, 3] on the host) for each (latents, tag) of `made`.
 
     one_late: chunk k's decode, uint8 conversion and host copy are queued on the device, then chunk k + 1 is asked
-    for (which queues its denoising), and only then are chunk k's frames handed out, so that the device never
+    for (which queues chunk k's cache refresh and chunk k + 1's denoising: Generator.chunks yields a chunk before its
+    refresh), and only then are chunk k's frames handed out, so that the device never
     waits for the host's copy, the caller's mp4 encoding or the next dispatch. Otherwise, and always for the
     first chunk (time to first frame), a chunk is handed out as soon as it is on the host.
     decode(latents, cache) -> (pixels, cache).

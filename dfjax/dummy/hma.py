@@ -58,20 +58,11 @@ def permute_heads(model: nnx.Module, permutation) -> None:
     for blk, perm in zip(model.blocks, permutation):
         attn = blk.self_attn
         cols = (perm[:, None] * d + jnp.arange(d)[None, :]).reshape(-1)
-        for lin in (attn.q, attn.k, attn.v):  # output channels
-            if lin.fp8:  # kernel_t [dout, din]; the per-output-channel scale goes with its channel
-                lin.kernel_t.set_value(lin.kernel_t[...][cols, :])
-                lin.scale.set_value(lin.scale[...][cols])
-            else:
-                lin.kernel.set_value(lin.kernel[...][:, cols])
-            lin.bias.set_value(lin.bias[...][cols])
+        for lin in (attn.q, attn.k, attn.v):
+            lin.permute_outputs(cols)
         attn.norm_q.set_value(attn.norm_q[...][cols])
         attn.norm_k.set_value(attn.norm_k[...][cols])
-        o = attn.o  # input channels (its scales are of its outputs: kept)
-        if o.fp8:
-            o.kernel_t.set_value(o.kernel_t[...][:, cols])
-        else:
-            o.kernel.set_value(o.kernel[...][cols, :])
+        attn.o.permute_inputs(cols)
 
 
 ATTENTION = nnx.PathContains("self_attn")  # the parameters a head permutation changes

@@ -121,6 +121,23 @@ class Linear(nnx.Module):
             y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=self.dtype)
         return y + self.bias[...].astype(self.dtype)
 
+    def permute_outputs(self, cols) -> None:
+        """Reorders the output channels in place (output j becomes output cols[j]), in whichever layout the kernel
+        is kept; the bias and fp8's per-output-channel scale go with their channels."""
+        if self.fp8:
+            self.kernel_t.set_value(self.kernel_t[...][cols, :])
+            self.scale.set_value(self.scale[...][cols])
+        else:
+            self.kernel.set_value(self.kernel[...][:, cols])
+        self.bias.set_value(self.bias[...][cols])
+
+    def permute_inputs(self, cols) -> None:
+        """Reorders the input channels in place (the outputs, their bias and scales, stay)."""
+        if self.fp8:
+            self.kernel_t.set_value(self.kernel_t[...][:, cols])
+        else:
+            self.kernel.set_value(self.kernel[...][cols, :])
+
 
 def norm_param(dim, cfg: WanConfig, value=1.0, shape=None):
     return nnx.Param(jnp.full(shape or (dim,), value, dtype_of(cfg.norm_dtype)))

@@ -111,7 +111,7 @@ def groups_of(case: Case, kvs, lens):
 
 
 def build(case: Case, impl: str, config: paf_gpu.BlockSizes | None, interpret: bool):
-    """A jitted fn(q, kvs, lens): the dispatcher's impl, or the pallas kernel at a tiling."""
+    """A jitted fn(q, kvs, lens): the dispatcher's impl, or the Triton pallas kernel at a tiling."""
     if config is None:
         return jax.jit(lambda q, kvs, lens: attn.grouped_attention(
             q, groups_of(case, kvs, lens), impl=impl, interpret=interpret))
@@ -157,7 +157,7 @@ def timeit(fn, input_sets, reps: int = 5, calls: int = 10) -> float:
 
 
 def run_one(case: Case, impl: str, config, input_sets, ref, interpret: bool, smoke: bool) -> dict:
-    label = impl if config is None else f"pallas{_config_name(config)}"
+    label = impl if config is None else f"triton{_config_name(config)}"
     rec = {"case": case.name, "impl": label, "dtype": case.dtype, "lq": case.lq,
            "groups": [list(g) for g in case.groups], "gflop": case.flops / 1e9}
     try:
@@ -198,10 +198,10 @@ def main():
         ref = reference_rows(case, input_sets[0])
         if mode == "sweep":
             impls = [("pallas", c) for c in SWEEP_CONFIGS] + [("cudnn", None)]
-        else:  # pallas through the dispatcher, cuDNN where it applies, XLA where it fits
+        else:  # pallas through the dispatcher (Mosaic GPU on Hopper), cuDNN where it applies, XLA where it fits
             impls = [("pallas", None)]
             if on_gpu and case.dtype != "float32":
-                impls.append(("cudnn", None))
+                impls += [("pallas", paf_gpu.BlockSizes()), ("cudnn", None)]  # the Triton kernel too
             if case.name in ("paf-480p-6/6", "dense-480p-kv21f"):
                 impls.append(("xla", None))
         for impl, config in impls:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dfjax.kernels import paf_gpu, paf_tpu
+from dfjax.kernels import paf_gpu, paf_mgpu, paf_tpu
 
 Group = tuple[jax.Array, jax.Array, jax.Array | None]
 Impl = Literal["auto", "xla", "cudnn", "pallas"]
@@ -89,8 +89,23 @@ def _cudnn_attention(q: jax.Array, groups: tuple[Group, ...]) -> jax.Array:
 def _pallas_attention(q: jax.Array, groups: tuple[Group, ...], interpret: bool) -> jax.Array:
     ks = tuple(k for k, _, _ in groups)
     vs = tuple(v for _, v, _ in groups)
-    kernel = paf_tpu if _platform() == "tpu" else paf_gpu
-    return kernel.paf_attention(q, ks, vs, _kv_lens(groups), interpret=interpret)
+    return _pallas_kernel(q, interpret).paf_attention(q, ks, vs, _kv_lens(groups), interpret=interpret)
+
+
+def _pallas_kernel(q: jax.Array, interpret: bool):
+    """The Pallas PAF kernel for this backend and input: paf_tpu on TPU; on a Hopper GPU paf_mgpu (Mosaic GPU,
+    wgmma) for the 16-bit inputs it takes; paf_gpu (Triton) for the rest, and in interpret mode on CPU (paf_mgpu's
+    own interpret mode is tested directly: it is far slower)."""
+    if _platform() == "tpu":
+        return paf_tpu
+    if not interpret and paf_mgpu.supports(q.dtype, q.shape[-1]) and _is_hopper():
+        return paf_mgpu
+    return paf_gpu
+
+
+def _is_hopper() -> bool:
+    """sm90: wgmma exists there only (Blackwell has tcgen05 instead)."""
+    return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
 
 
 # ---------------------------------------------------------------------------------------------- the registry

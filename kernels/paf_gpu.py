@@ -61,12 +61,7 @@ def paf_attention(q: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, 
     assert d >= 16 and d & (d - 1) == 0, f"head_dim must be a power of two >= 16, got {d}"
     bq, bk = block_sizes.block_q, block_sizes.block_k
 
-    real_start = tuple(int(x) for x in np.cumsum((0,) + heads[:-1]))
-    order = sorted(range(len(heads)), key=lambda g: -lengths[g])
-    prog_start = [0] * len(heads)
-    for pos, g in enumerate(order):
-        prog_start[g] = sum(heads[o] for o in order[:pos])
-    layout = _HeadLayout(heads, tuple(prog_start), real_start)
+    layout = HeadLayout.longest_first(heads, lengths)
 
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, p, bb: (bb, i, layout.real_head(p), 0))
     kv_specs = []
@@ -98,15 +93,29 @@ def paf_attention(q: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, 
 
 
 @dataclasses.dataclass(frozen=True)
-class _HeadLayout:
+class HeadLayout:
     """Maps the grid's head index p to groups: group g owns programs
     [prog_start[g], prog_start[g] + heads[g]) and heads [real_start[g], real_start[g] + heads[g])."""
     heads: tuple[int, ...]
     prog_start: tuple[int, ...]
     real_start: tuple[int, ...]
 
+    @classmethod
+    def longest_first(cls, heads: tuple[int, ...], lengths: tuple[int, ...]) -> "HeadLayout":
+        """Programs visit the group with the most key slots first, so a launch ends on short programs."""
+        real_start = tuple(int(x) for x in np.cumsum((0,) + heads[:-1]))
+        order = sorted(range(len(heads)), key=lambda g: -lengths[g])
+        prog_start = [0] * len(heads)
+        for pos, g in enumerate(order):
+            prog_start[g] = sum(heads[o] for o in order[:pos])
+        return cls(heads, tuple(prog_start), real_start)
+
     def owns(self, g: int, p):
         return (p >= self.prog_start[g]) & (p < self.prog_start[g] + self.heads[g])
+
+    def group_head(self, g: int, p):
+        """p's head within group g's K/V (clamped, so that other groups' programs keep a valid address)."""
+        return jnp.clip(p - self.prog_start[g], 0, self.heads[g] - 1)
 
     def real_head(self, p):
         head = p * 0
@@ -115,13 +124,11 @@ class _HeadLayout:
         return head
 
 
-def _kv_index_map(i, p, bb, *, layout: _HeadLayout, g: int):
-    # Programs of other groups never read this group's refs; clamping just keeps the address valid.
-    local = jnp.clip(p - layout.prog_start[g], 0, layout.heads[g] - 1)
-    return bb, 0, local, 0
+def _kv_index_map(i, p, bb, *, layout: HeadLayout, g: int):
+    return bb, 0, layout.group_head(g, p), 0
 
 
-def _kernel(lens_ref, q_ref, *refs, layout: _HeadLayout, lq: int, block_k: int, scale: float,
+def _kernel(lens_ref, q_ref, *refs, layout: HeadLayout, lq: int, block_k: int, scale: float,
             precision):
     o_ref = refs[-1]
     bq = q_ref.shape[0]

@@ -160,6 +160,9 @@ def run_one(case: Case, impl: str, config, input_sets, ref, interpret: bool, smo
     label = impl if config is None else f"triton{_config_name(config)}"
     rec = {"case": case.name, "impl": label, "dtype": case.dtype, "lq": case.lq,
            "groups": [list(g) for g in case.groups], "gflop": case.flops / 1e9}
+    if impl == "pallas" and config is None:  # which Pallas kernel the dispatcher ran
+        q, kvs, _ = input_sets[0]
+        rec["kernel"] = attn._pallas_kernel(q, kvs[0::2], interpret).__name__.rsplit(".", 1)[-1]
     try:
         t0 = time.perf_counter()
         fn = build(case, impl, config, interpret)

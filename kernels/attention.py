@@ -89,16 +89,17 @@ def _cudnn_attention(q: jax.Array, groups: tuple[Group, ...]) -> jax.Array:
 def _pallas_attention(q: jax.Array, groups: tuple[Group, ...], interpret: bool) -> jax.Array:
     ks = tuple(k for k, _, _ in groups)
     vs = tuple(v for _, v, _ in groups)
-    return _pallas_kernel(q, interpret).paf_attention(q, ks, vs, _kv_lens(groups), interpret=interpret)
+    return _pallas_kernel(q, ks, interpret).paf_attention(q, ks, vs, _kv_lens(groups), interpret=interpret)
 
 
-def _pallas_kernel(q: jax.Array, interpret: bool):
+def _pallas_kernel(q: jax.Array, ks: tuple[jax.Array, ...], interpret: bool):
     """The Pallas PAF kernel for this backend and input: paf_tpu on TPU; on a Hopper GPU paf_mgpu (Mosaic GPU,
     wgmma) for the 16-bit inputs it takes; paf_gpu (Triton) for the rest, and in interpret mode on CPU (paf_mgpu's
     own interpret mode is tested directly: it is far slower)."""
     if _platform() == "tpu":
         return paf_tpu
-    if not interpret and paf_mgpu.supports(q.dtype, q.shape[-1]) and _is_hopper():
+    lengths = (q.shape[1], *(k.shape[1] for k in ks))
+    if not interpret and paf_mgpu.supports(q.dtype, q.shape[-1], lengths) and _is_hopper():
         return paf_mgpu
     return paf_gpu
 

@@ -45,9 +45,11 @@ class Config:
     stages: int = 2
 
 
-def supports(dtype, head_dim: int) -> bool:
-    """Whether this kernel takes these inputs (wgmma wants 16-bit operands, 64-wide swizzled tiles)."""
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 64 == 0
+def supports(dtype, head_dim: int, lengths: tuple[int, ...]) -> bool:
+    """Whether this kernel takes these inputs: wgmma wants 16-bit operands and 64-wide swizzled tiles, and TMA
+    copies (8, 64) tiles, so the query and key lengths must be multiples of 8 (every Wan resolution's are)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 64 == 0
+            and all(n % 8 == 0 for n in lengths))
 
 
 def paf_attention(q: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, ...],
@@ -55,9 +57,10 @@ def paf_attention(q: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, 
     """Same contract as paf_gpu.paf_attention: q [B, Lq, H, D]; group g ks[g], vs[g] [B, Lk_g, H_g, D];
     kv_lens[g] (int32, in [1, Lk_g]) valid keys. Returns [B, Lq, H, D] in q.dtype."""
     b, lq, h, d = q.shape
-    if not supports(q.dtype, d):
-        raise ValueError(f"the Mosaic GPU PAF kernel takes bf16/f16 with head_dim a multiple of 64, got "
-                         f"{q.dtype} and head_dim {d}; use the Triton kernel (paf_gpu) instead.")
+    if not supports(q.dtype, d, (lq, *(k.shape[1] for k in ks))):
+        raise ValueError(f"the Mosaic GPU PAF kernel takes bf16/f16, head_dim a multiple of 64 and query and key "
+                         f"lengths multiples of 8; got {q.dtype}, head_dim {d}, Lq {lq}, Lk "
+                         f"{[k.shape[1] for k in ks]}. Use the Triton kernel (paf_gpu) instead.")
     heads = tuple(k.shape[2] for k in ks)
     layout = HeadLayout.longest_first(heads, tuple(k.shape[1] for k in ks))
     bq, bkv, stages = config.block_q, config.block_kv, config.stages
@@ -150,10 +153,11 @@ def _group_cta(kv_len, q_ref, k_ref, v_ref, out_ref, scratch, *, wg, head, kv_he
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             prob = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + prob.sum(axis=1)
             prob16 = prob.astype(qo_smem.dtype)
             # Keep the softmax before the barriers: the scheduler would otherwise sink it past them.
-            l, m_new, prob16, alpha = lax.optimization_barrier((l, m_new, prob16, alpha))
+            acc, l, m_new, prob16 = lax.optimization_barrier((acc, l, m_new, prob16))
             plgpu.barrier_arrive(turn)  # softmax done
             plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_wait(turn)  # the tensor cores are ours again
@@ -170,13 +174,15 @@ def _group_cta(kv_len, q_ref, k_ref, v_ref, out_ref, scratch, *, wg, head, kv_he
                 def _():
                     plgpu.barrier_wait(k_full.at[lax.rem(nxt, jnp.int32(stages))])
 
-                return acc_ref[...]
-
-            # A fresh accumulator and one multiply-add per element, rather than wgmma into the rescaled acc
-            # (pl.run_state): the same arithmetic, and Mosaic GPU's interpret mode runs it.
-            pv_out = pl.run_scoped(pv, plgpu.ACC((bq, acc.shape[1]), jnp.float32))
+            if p_smem2 is None:  # the GPU: wgmma accumulates into the rescaled acc in place
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            else:  # the interpreter has no run_state: a fresh accumulator, then the same sum
+                def fresh(acc_ref):
+                    pv(acc_ref)
+                    return acc_ref[...]
+                acc = acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_out, m_new, l
+            return acc, m_new, l
 
         carry = lax.fori_loop(0, unmasked_steps, lambda j, c: step(j, c, masked=False), (acc, m, l))
         acc, m, l = lax.fori_loop(unmasked_steps, steps, lambda j, c: step(j, c, masked=True), carry)

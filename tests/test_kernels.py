@@ -1,5 +1,6 @@
 """Attention kernels: the jnp reference against float64 numpy, and the Pallas GPU (Triton) and
-TPU (Mosaic) kernels, in interpret mode on CPU, against the reference.
+TPU (Mosaic) kernels, in interpret mode on CPU, against the reference. The Hopper kernel (Mosaic
+GPU) is lowered for CUDA on any machine, and run in its interpreter where jax has one (>= 0.11).
 
 Tolerances, as max |out - ref| / max |ref|:
 - float32 1e-5: kernel and reference both multiply in exact float32 (IEEE / HIGHEST); they
@@ -19,7 +20,9 @@ import numpy as np
 import pytest
 
 from dfjax.kernels import attention as attn
-from dfjax.kernels import paf_gpu, paf_tpu
+import re
+
+from dfjax.kernels import paf_gpu, paf_mgpu, paf_tpu
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -190,6 +193,67 @@ def test_compiled_gpu_kernels(dtype):
     for impl in impls:
         run = jax.jit(functools.partial(attn.grouped_attention, impl=impl))
         _assert_close(run(q, groups), ref, dtype)
+    if dtype == jnp.bfloat16 and attn._is_hopper():  # lengths in multiples of 8, ragged against every block
+        q, kvs = _inputs(8, dtype, 296, [(5, 408), (7, 656)], batch=2)
+        groups = ((*kvs[0], None), (*kvs[1], jnp.int32(517)))
+        ref = attn.reference_attention(*jax.device_put((q, groups), jax.devices("cpu")[0]))
+        run = jax.jit(functools.partial(_split_call, paf_mgpu.paf_attention))
+        _assert_close(run(q, groups), ref, dtype)
+
+
+def _split_call(kernel, q, groups, **kw):
+    ks, vs, lens = _split(groups)
+    return kernel(q, ks, vs, lens, **kw)
+
+
+# ---------------------------------------------------------------- the Hopper kernel (Mosaic GPU)
+
+MGPU_CASES = {  # lq, (heads, Lk) per group, kv_len per group (None: all)
+    # ragged last query tile (the second warpgroup's rows partly past Lq) and a key block past Lk_0
+    "ragged": (200, [(1, 248), (2, 384)], [None, 300]),
+    # one valid key; a group shorter than one key block; more key blocks than buffers
+    "short": (104, [(2, 136), (1, 64), (1, 696)], [1, None, 645]),
+}
+
+
+@pytest.mark.skipif(not paf_mgpu.INTERPRETABLE, reason="Mosaic GPU's interpreter runs this kernel from jax 0.11")
+@pytest.mark.parametrize("case", list(MGPU_CASES))
+def test_mosaic_gpu_kernel_in_its_interpreter(case):
+    # Its barriers, TMA copies (zeros past the ends, rows past Lq dropped), masking and warpgroup turns are
+    # simulated; the interpreter also fails on a barrier left with a completion no thread waited for.
+    lq, shapes, lens = MGPU_CASES[case]
+    q, kvs = _inputs(9, jnp.bfloat16, lq, shapes)
+    q, kvs = q[..., :64], [(k[..., :64], v[..., :64]) for k, v in kvs]  # head_dim 64 keeps it quick
+    groups = tuple((k, v, None if n is None else jnp.int32(n)) for (k, v), n in zip(kvs, lens))
+    out = _split_call(paf_mgpu.paf_attention, q, groups, interpret=True)
+    _assert_close(out, attn.reference_attention(q, groups), jnp.bfloat16)
+
+
+def test_mosaic_gpu_kernel_lowers_for_cuda():
+    # On any machine: the kernel traces and lowers to one Mosaic GPU custom call with wgmma in it, at the
+    # 480P Dummy Forcing shapes (a GPU run is test_compiled_gpu_kernels).
+    spec = jax.ShapeDtypeStruct
+    q = spec((1, 4680, 12, 128), jnp.bfloat16)
+    ks = (spec((1, 6240, 6, 128), jnp.bfloat16), spec((1, 9360, 6, 128), jnp.bfloat16))
+    fn = jax.jit(lambda q, ks, vs, lens: paf_mgpu.paf_attention(q, ks, vs, lens))
+    module = jax.export.export(fn, platforms=["cuda"])(q, ks, ks, spec((2,), jnp.int32)).mlir_module()
+    assert len(re.findall(r"custom_call @mosaic_gpu", module)) == 1
+    assert "wgmma" in module
+    for q, k in [(jnp.zeros((1, 8, 1, 128)), jnp.zeros((1, 8, 1, 128))),  # float32
+                 (jnp.zeros((1, 8, 1, 128), jnp.bfloat16), jnp.zeros((1, 12, 1, 128), jnp.bfloat16))]:  # Lk 12
+        with pytest.raises(ValueError, match="bf16/f16, head_dim a multiple of 64 and query and key lengths"):
+            paf_mgpu.paf_attention(q, (k,), (k,), jnp.array([8]))
+
+
+def test_pallas_picks_the_mosaic_gpu_kernel_on_hopper_for_16_bit(monkeypatch):
+    monkeypatch.setattr(attn, "_platform", lambda: "gpu")
+    q16, q32 = jnp.zeros((1, 8, 2, 128), jnp.bfloat16), jnp.zeros((1, 8, 2, 128), jnp.float32)
+    ks, ragged = (jnp.zeros((1, 16, 2, 128)),), (jnp.zeros((1, 20, 2, 128)),)
+    for hopper, q, k, want in [(True, q16, ks, paf_mgpu), (True, q32, ks, paf_gpu), (False, q16, ks, paf_gpu),
+                               (True, q16, ragged, paf_gpu)]:
+        monkeypatch.setattr(attn, "_is_hopper", lambda h=hopper: h)
+        assert attn._pallas_kernel(q, k, interpret=False) is want
+    assert attn._pallas_kernel(q16, ks, interpret=True) is paf_gpu  # on CPU the Triton interpreter (fast)
 
 
 # ---------------------------------------------------------------- the registry

@@ -145,14 +145,16 @@ def _group_cta(kv_len, q_ref, k_ref, v_ref, out_ref, scratch, *, wg, head, kv_he
                 take_turn()  # hand the tensor cores over while this product finishes
                 return acc_ref[...]
 
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32)) * qk_scale
+            s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(cols + j * bkv < kv_len, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
+            # m is kept in scaled units, so that the exponent s * scale - m is one multiply-add per score
+            # (the softmax's ALU work, not the tensor cores, bounds this loop).
+            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
             alpha = jnp.exp2(m - m_new)
-            prob = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            prob = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + prob.sum(axis=1)
             prob16 = prob.astype(qo_smem.dtype)

@@ -1,6 +1,7 @@
 """Attention kernel benchmark: every impl checked against the reference, then timed.
 
     python3 benchmarks/kernel_bench.py            # on the GPU: every impl at the model's real shapes
+                                                  # ("pallas" as dispatched: Mosaic GPU on Hopper; and Triton)
     python3 benchmarks/kernel_bench.py --sweep    # on the GPU: Triton tilings of the pallas kernel
     python3 benchmarks/kernel_bench.py --smoke    # anywhere: tiny shapes, pallas in interpret mode
     python3 benchmarks/kernel_bench.py --mosaic   # on a Hopper GPU: jax's Mosaic GPU flash attention vs cuDNN

@@ -2,7 +2,7 @@
 
     python3 benchmarks/kernel_bench.py            # on the GPU: every impl at the model's real shapes
                                                   # ("pallas" as dispatched: Mosaic GPU on Hopper; and Triton)
-    python3 benchmarks/kernel_bench.py --sweep    # on the GPU: Triton tilings of the pallas kernel
+    python3 benchmarks/kernel_bench.py --sweep    # on the GPU: the pallas kernel's tilings (Mosaic GPU's on Hopper)
     python3 benchmarks/kernel_bench.py --smoke    # anywhere: tiny shapes, pallas in interpret mode
     python3 benchmarks/kernel_bench.py --mosaic   # on a Hopper GPU: jax's Mosaic GPU flash attention vs cuDNN
 
@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dfjax.bench import environment  # noqa: E402
 from dfjax.kernels import attention as attn  # noqa: E402
-from dfjax.kernels import paf_gpu  # noqa: E402
+from dfjax.kernels import paf_gpu, paf_mgpu  # noqa: E402
 
 D, HEADS, CHUNK_FRAMES = 128, 12, 3
 TOKENS_PER_FRAME = {"480p": 1560, "720p": 3600, "1080p": 8160}
@@ -54,6 +54,8 @@ SWEEP_CONFIGS = tuple(  # Triton tilings: (block_q, block_k, num_warps, num_stag
     paf_gpu.BlockSizes(*c) for c in [
         (128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4),
         (128, 32, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)])
+MGPU_SWEEP_CONFIGS = tuple(  # Mosaic GPU tilings, the Hopper sweep: (block_q, block_kv, stages); riskiest last
+    paf_mgpu.Config(*c) for c in [(64, 128, 2), (64, 128, 3), (64, 64, 2), (64, 64, 4), (64, 192, 2)])
 TOL = {"bfloat16": 2e-2, "float32": 1e-4}  # vs the float32 reference; bf16 rounds p and out
 
 
@@ -111,14 +113,17 @@ def groups_of(case: Case, kvs, lens):
                  for g, (_, _, n) in enumerate(case.groups))
 
 
-def build(case: Case, impl: str, config: paf_gpu.BlockSizes | None, interpret: bool):
-    """A jitted fn(q, kvs, lens): the dispatcher's impl, or the Triton pallas kernel at a tiling."""
+def build(case: Case, impl: str, config, interpret: bool):
+    """A jitted fn(q, kvs, lens): the dispatcher's impl, or one Pallas kernel at a tiling
+    (a paf_gpu.BlockSizes: Triton; a paf_mgpu.Config: Mosaic GPU)."""
     if config is None:
         return jax.jit(lambda q, kvs, lens: attn.grouped_attention(
             q, groups_of(case, kvs, lens), impl=impl, interpret=interpret))
 
     def fn(q, kvs, lens):
         lengths = attn._kv_lens(groups_of(case, kvs, lens))
+        if isinstance(config, paf_mgpu.Config):
+            return paf_mgpu.paf_attention(q, kvs[0::2], kvs[1::2], lengths, config=config, interpret=interpret)
         return paf_gpu.paf_attention(q, kvs[0::2], kvs[1::2], lengths, block_sizes=config,
                                      interpret=interpret)
     return jax.jit(fn)
@@ -158,7 +163,7 @@ def timeit(fn, input_sets, reps: int = 5, calls: int = 10) -> float:
 
 
 def run_one(case: Case, impl: str, config, input_sets, ref, interpret: bool, smoke: bool) -> dict:
-    label = impl if config is None else f"triton{_config_name(config)}"
+    label = impl if config is None else _config_name(config)
     rec = {"case": case.name, "impl": label, "dtype": case.dtype, "lq": case.lq,
            "groups": [list(g) for g in case.groups], "gflop": case.flops / 1e9}
     if impl == "pallas" and config is None:  # which Pallas kernel the dispatcher ran
@@ -181,8 +186,10 @@ def run_one(case: Case, impl: str, config, input_sets, ref, interpret: bool, smo
     return rec
 
 
-def _config_name(c: paf_gpu.BlockSizes) -> str:
-    return f"[{c.block_q}x{c.block_k},w{c.num_warps},s{c.num_stages}]"
+def _config_name(c) -> str:
+    if isinstance(c, paf_mgpu.Config):
+        return f"mosaic[{c.block_q}x{c.block_kv},s{c.stages}]"
+    return f"triton[{c.block_q}x{c.block_k},w{c.num_warps},s{c.num_stages}]"
 
 
 def main():
@@ -200,8 +207,9 @@ def main():
     for case in cases(mode):
         input_sets = [make_inputs(case, seed) for seed in range(3)]
         ref = reference_rows(case, input_sets[0])
-        if mode == "sweep":
-            impls = [("pallas", c) for c in SWEEP_CONFIGS] + [("cudnn", None)]
+        if mode == "sweep":  # on Hopper the Mosaic GPU kernel's tilings, elsewhere the Triton kernel's
+            tilings = MGPU_SWEEP_CONFIGS if attn._is_hopper() else SWEEP_CONFIGS
+            impls = [("pallas", c) for c in tilings] + [("cudnn", None)]
         else:  # pallas through the dispatcher (Mosaic GPU on Hopper), cuDNN where it applies, XLA where it fits
             impls = [("pallas", None)]
             if on_gpu and case.dtype != "float32":
@@ -266,7 +274,8 @@ def summarize(runs: list[dict]) -> dict:
     fastest = {}  # (case, impl family) -> fastest passing run
     for r in runs:
         if r.get("ok") and "ms" in r:
-            key = (r["case"], r["impl"].split("[")[0])
+            family = r["impl"].split("[")[0]
+            key = (r["case"], family if family in ("cudnn", "xla") else "pallas")  # pallas: its fastest kernel
             if key not in fastest or r["ms"] < fastest[key]["ms"]:
                 fastest[key] = r
     out = {}

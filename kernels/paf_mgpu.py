@@ -41,7 +41,7 @@ class Config:
     Dummy Forcing shape on an H200 (benchmarks/results/kernels-mosaic-h200-2026-12-02.json).
     """
     block_q: int = 64
-    block_kv: int = 128
+    block_kv: int = 192
     stages: int = 2
 
 

@@ -15,6 +15,7 @@ on GPU, paf_tpu on TPU) and "auto".
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -89,7 +90,16 @@ def _cudnn_attention(q: jax.Array, groups: tuple[Group, ...]) -> jax.Array:
 def _pallas_attention(q: jax.Array, groups: tuple[Group, ...], interpret: bool) -> jax.Array:
     ks = tuple(k for k, _, _ in groups)
     vs = tuple(v for _, v, _ in groups)
-    return _pallas_kernel(q, ks, interpret).paf_attention(q, ks, vs, _kv_lens(groups), interpret=interpret)
+    kernel = _shared_jit(_pallas_kernel(q, ks, interpret).paf_attention)
+    return kernel(q, ks, vs, _kv_lens(groups), interpret=interpret)
+
+
+@functools.cache
+def _shared_jit(kernel_fn):
+    """The kernel under its own jit. XLA lowers and compiles a Pallas kernel once per call site (about 3 s each for
+    the Mosaic GPU one), but a nested jit's calls of one signature share a single lowering and compile: the 30
+    layers' identical cross-attention calls, and self-attention layers with the same head split, compile once."""
+    return jax.jit(kernel_fn, static_argnames="interpret")
 
 
 def _pallas_kernel(q: jax.Array, ks: tuple[jax.Array, ...], interpret: bool):

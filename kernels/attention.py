@@ -138,9 +138,10 @@ KERNELS: dict[str, Kernel] = {
 }
 IMPLS = ("auto", *KERNELS)  # every name a user may give (the CLI's choices)
 
-# Which kernel "auto" takes for bf16/f16 on NVIDIA GPUs: cuDNN, 1.3-1.5x faster than the Pallas
-# Triton kernel at every real shape on an H100, PAF (two cuDNN calls) included
-# (benchmarks/results/kernels-*h100-2026-11-25.json).
+# Which kernel "auto" takes for bf16/f16 on NVIDIA GPUs: cuDNN. It is 1.3-1.5x faster than the Triton kernel at
+# every real shape (kernels-*h100-2026-11-25.json). On Hopper the Mosaic GPU kernel beats it at 480P (0.87x the time;
+# 1.8 % of a video's diffusion) but not at 720P or 1080P, and adds ~28 s of compile (kernels-*h200-2026-12-03.json,
+# docs/performance.md).
 AUTO_GPU_IMPL = "cudnn"
 
 

@@ -229,15 +229,23 @@ def test_mosaic_gpu_kernel_in_its_interpreter(case):
     _assert_close(out, attn.reference_attention(q, groups), jnp.bfloat16)
 
 
-def test_mosaic_gpu_kernel_lowers_for_cuda():
-    # On any machine: the kernel traces and lowers to one Mosaic GPU custom call with wgmma in it, at the
-    # 480P Dummy Forcing shapes (a GPU run is test_compiled_gpu_kernels).
+def test_mosaic_gpu_kernel_lowers_for_cuda(monkeypatch):
+    # On any machine: through the dispatcher as on a Hopper GPU, the kernel traces and lowers to a Mosaic GPU custom
+    # call with wgmma in it, at the 480P Dummy Forcing shapes (a GPU run is test_compiled_gpu_kernels). Two layers'
+    # calls of one signature lower (and so compile) one kernel, not two: XLA compiles a kernel per call site.
+    monkeypatch.setattr(attn, "_platform", lambda: "gpu")
+    monkeypatch.setattr(attn, "_is_hopper", lambda: True)
     spec = jax.ShapeDtypeStruct
     q = spec((1, 4680, 12, 128), jnp.bfloat16)
     ks = (spec((1, 6240, 6, 128), jnp.bfloat16), spec((1, 9360, 6, 128), jnp.bfloat16))
-    fn = jax.jit(lambda q, ks, vs, lens: paf_mgpu.paf_attention(q, ks, vs, lens))
-    module = jax.export.export(fn, platforms=["cuda"])(q, ks, ks, spec((2,), jnp.int32)).mlir_module()
+
+    def two_layers(q, ks, vs, lens):
+        for _ in range(2):
+            q = attn.grouped_attention(q, ((ks[0], vs[0], lens[0]), (ks[1], vs[1], lens[1])), impl="pallas")
+        return q
+    module = jax.export.export(jax.jit(two_layers), platforms=["cuda"])(q, ks, ks, spec((2,), jnp.int32)).mlir_module()
     assert len(re.findall(r"custom_call @mosaic_gpu", module)) == 1
+    assert len(re.findall(r"call @", module)) >= 2  # both layers call the one kernel
     assert "wgmma" in module
     for q, k in [(jnp.zeros((1, 8, 1, 128)), jnp.zeros((1, 8, 1, 128))),  # float32
                  (jnp.zeros((1, 8, 1, 128), jnp.bfloat16), jnp.zeros((1, 12, 1, 128), jnp.bfloat16))]:  # Lk 12
